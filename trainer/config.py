@@ -1,0 +1,173 @@
+"""Typed configuration: the job's hyperparameters and the service's settings.
+
+Defaults are the reference QLoRA recipe (Dettmers et al. 2023 and the usual
+7-8B practice): NF4 with double quantisation and bf16 compute, LoRA r=64,
+alpha=2r, dropout 0.05 on all seven projections, lr 2e-4 with 100 warmup steps
+then constant, batch 4 x accumulation 4, 2048 tokens, 3 epochs, paged 8-bit
+AdamW. Protobuf is converted to these classes once, at the gRPC edge
+(``trainer.convert``); nothing below it sees a ``*_pb2`` object.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import InvalidArgument
+
+# vLLM accepts only these LoRA ranks (vllm/config/lora.py, `max_lora_rank` choices).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# The seven linear projections of a Llama/Mistral/Qwen decoder layer.
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _module_name(name: str) -> str:
+    """Accept "q" as well as "q_proj"."""
+    full = name if name.endswith("_proj") else f"{name}_proj"
+    if full not in ALL_PROJECTIONS:
+        raise InvalidArgument(
+            "hyperparameters.target_modules",
+            f"{name!r} is not one of {', '.join(ALL_PROJECTIONS)}",
+        )
+    return full
+
+
+@dataclass
+class JobConfig:
+    """Hyperparameters of one fine-tuning job."""
+
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank; one of vLLM's ranks."})
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "LoRA alpha; None means 2 * lora_rank."}
+    )
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: tuple[str, ...] = field(
+        default=ALL_PROJECTIONS, metadata={"help": "Projections that get a LoRA."}
+    )
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
+    warmup_steps: int = field(default=100, metadata={"help": "Linear warmup steps, then constant."})
+    batch_size: int = field(default=4, metadata={"help": "Examples per device step."})
+    gradient_accumulation_steps: int = field(
+        default=4, metadata={"help": "Device steps per optimizer update."}
+    )
+    max_seq_len: int = field(default=2048, metadata={"help": "Tokens per example, at most."})
+    num_epochs: float = field(default=3.0, metadata={"help": "Passes over the dataset."})
+    seed: int = field(default=42, metadata={"help": "Random seed, recorded in the manifest."})
+    checkpoint_every_steps: int = field(
+        default=0, metadata={"help": "Checkpoint every N optimizer steps; 0 = each epoch."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_rank
+        self.target_modules = tuple(dict.fromkeys(_module_name(m) for m in self.target_modules))
+
+    def validate(self, max_lora_rank: int = 512) -> JobConfig:
+        """Raise ``InvalidArgument`` naming the first field out of range."""
+
+        def bad(name: str, why: str) -> InvalidArgument:
+            return InvalidArgument(f"hyperparameters.{name}", why)
+
+        if self.lora_rank not in VLLM_LORA_RANKS:
+            raise bad("lora_rank", f"{self.lora_rank} is not one of vLLM's ranks {VLLM_LORA_RANKS}")
+        if self.lora_rank > max_lora_rank:
+            raise bad("lora_rank", f"{self.lora_rank} exceeds the server's max {max_lora_rank}")
+        assert self.lora_alpha is not None
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise bad("lora_alpha", "must be a positive number")
+        if not (0.0 <= self.lora_dropout < 1.0):
+            raise bad("lora_dropout", "must be in [0, 1)")
+        if not self.target_modules:
+            raise bad("target_modules", "must name at least one projection")
+        if not (math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 1):
+            raise bad("learning_rate", "must be in (0, 1]")
+        if not (0 <= self.warmup_steps <= 100_000):
+            raise bad("warmup_steps", "must be in [0, 100000]")
+        if not (1 <= self.batch_size <= 512):
+            raise bad("batch_size", "must be in [1, 512]")
+        if not (1 <= self.gradient_accumulation_steps <= 1024):
+            raise bad("gradient_accumulation_steps", "must be in [1, 1024]")
+        if not (16 <= self.max_seq_len <= 131_072):
+            raise bad("max_seq_len", "must be in [16, 131072]")
+        if not (math.isfinite(self.num_epochs) and 0 < self.num_epochs <= 100):
+            raise bad("num_epochs", "must be in (0, 100]")
+        if not (0 <= self.seed < 2**32):
+            raise bad("seed", "must be in [0, 2^32)")
+        if not (0 <= self.checkpoint_every_steps <= 1_000_000):
+            raise bad("checkpoint_every_steps", "must be in [0, 1000000]")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobConfig:
+        d = dict(d)
+        if "target_modules" in d:
+            d["target_modules"] = tuple(d["target_modules"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What the scheduler hands a training subprocess (written as ``spec.json``)."""
+
+    job_id: str
+    base_model: str = field(metadata={"help": "Served name of the base model."})
+    base_model_path: str = field(metadata={"help": "Local folder or hub id to load it from."})
+    dataset_path: str = field(metadata={"help": "The content-addressed dataset file."})
+    output_dir: str = field(metadata={"help": "Where the finished adapter is saved."})
+    checkpoint_dir: str = field(metadata={"help": "Where checkpoints go; resumed from if any."})
+    config: JobConfig = field(default_factory=JobConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["config"] = self.config.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobSpec:
+        d = dict(d)
+        d["config"] = JobConfig.from_dict(d.get("config", {}))
+        return cls(**d)
+
+
+@dataclass
+class ServiceConfig:
+    """Settings of ``python -m trainer serve`` (flags, with FINETUNE_* env fallbacks)."""
+
+    data_dir: Path = field(metadata={"help": "Shared volume: datasets, jobs, adapters, store."})
+    listen: str = field(default="127.0.0.1:50051", metadata={"help": "gRPC listen address."})
+    base_models: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "Allow-list: served base-model name -> local path or hub id."},
+    )
+    vllm_url: str | None = field(
+        default=None, metadata={"help": "vLLM server to hot-load adapters into, if any."}
+    )
+    vllm_admin_key: str | None = field(
+        default=None, metadata={"help": "Admin key the trainer uses against vLLM."}
+    )
+    tenants_file: Path | None = field(
+        default=None, metadata={"help": "Tenants and key hashes; default DATA/tenants.json."}
+    )
+    max_upload_bytes: int = field(
+        default=1 << 30, metadata={"help": "Largest dataset upload accepted."}
+    )
+    max_lora_rank: int = field(
+        default=64, metadata={"help": "The serving side's --max-lora-rank; larger is refused."}
+    )
+    devices: int | None = field(
+        default=None, metadata={"help": "Jobs run at once; None = one per GPU, or 1 on CPU."}
+    )
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        if self.tenants_file is None:
+            self.tenants_file = self.data_dir / "tenants.json"
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank {self.max_lora_rank} is not one of {VLLM_LORA_RANKS}")

@@ -1,0 +1,125 @@
+"""Protobuf <-> domain conversion, the only place ``*_pb2`` objects meet domain types."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from finetune.v1 import trainer_pb2 as pb
+from trainer.config import JobConfig
+from trainer.names import served_name
+from trainer.store import AdapterRecord, DatasetRecord, ErrorKind, EventRecord, JobRecord, JobState
+
+_FORMATS = {
+    "messages": pb.DATASET_FORMAT_MESSAGES,
+    "prompt_completion": pb.DATASET_FORMAT_PROMPT_COMPLETION,
+    "text": pb.DATASET_FORMAT_TEXT,
+}
+_STATES = {s: getattr(pb, f"JOB_STATE_{s.value}") for s in JobState}
+_KINDS = {
+    ErrorKind.NONE: pb.ERROR_KIND_UNSPECIFIED,
+    ErrorKind.USER: pb.ERROR_KIND_USER,
+    ErrorKind.SYSTEM: pb.ERROR_KIND_SYSTEM,
+}
+# Scalar hyperparameter fields shared by the proto message and JobConfig.
+_HP_FIELDS = (
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "learning_rate",
+    "warmup_steps",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_seq_len",
+    "num_epochs",
+    "seed",
+    "checkpoint_every_steps",
+)
+
+
+def _ts(t: float | None) -> Timestamp | None:
+    if t is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def job_config(hp: pb.Hyperparameters) -> JobConfig:
+    """Hyperparameters from a request: set fields override the recipe's defaults."""
+    kwargs: dict[str, Any] = {f: getattr(hp, f) for f in _HP_FIELDS if hp.HasField(f)}
+    if hp.target_modules:
+        kwargs["target_modules"] = tuple(hp.target_modules)
+    return JobConfig(**kwargs)
+
+
+def hyperparameters(cfg: dict[str, Any]) -> pb.Hyperparameters:
+    hp = pb.Hyperparameters(target_modules=cfg.get("target_modules", []))
+    for f in _HP_FIELDS:
+        if cfg.get(f) is not None:
+            setattr(hp, f, cfg[f])
+    return hp
+
+
+def dataset(rec: DatasetRecord) -> pb.Dataset:
+    return pb.Dataset(
+        id=rec.id,
+        tenant=rec.tenant,
+        name=rec.name,
+        sha256=rec.sha256,
+        size_bytes=rec.size_bytes,
+        num_rows=rec.num_rows,
+        format=_FORMATS.get(rec.format, pb.DATASET_FORMAT_UNSPECIFIED),
+        created_at=_ts(rec.created_at),
+    )
+
+
+def progress(p: dict[str, Any] | None) -> pb.Progress | None:
+    if not p:
+        return None
+    fields = {k: v for k, v in p.items() if k in pb.Progress.DESCRIPTOR.fields_by_name}
+    return pb.Progress(**{k: v for k, v in fields.items() if v is not None})
+
+
+def job(rec: JobRecord) -> pb.Job:
+    return pb.Job(
+        id=rec.id,
+        tenant=rec.tenant,
+        base_model=rec.base_model,
+        dataset_id=rec.dataset_id,
+        adapter_name=rec.adapter_name,
+        hyperparameters=hyperparameters(rec.config),
+        state=_STATES[rec.state],
+        error_kind=_KINDS[rec.error_kind],
+        error_message=rec.error_message,
+        progress=progress(rec.progress),
+        adapter_version=rec.adapter_version,
+        served_name=served_name(rec.tenant, rec.adapter_name) if rec.adapter_version else "",
+        created_at=_ts(rec.created_at),
+        started_at=_ts(rec.started_at),
+        finished_at=_ts(rec.finished_at),
+    )
+
+
+def event(ev: EventRecord) -> pb.JobEvent:
+    return pb.JobEvent(
+        job_id=ev.job_id,
+        seq=ev.seq,
+        time=_ts(ev.time),
+        state=_STATES[ev.state],
+        message=ev.message,
+        progress=progress(ev.progress),
+    )
+
+
+def adapter(rec: AdapterRecord) -> pb.Adapter:
+    return pb.Adapter(
+        tenant=rec.tenant,
+        name=rec.name,
+        served_name=served_name(rec.tenant, rec.name),
+        version=rec.version,
+        job_id=rec.job_id,
+        base_model=rec.base_model,
+        created_at=_ts(rec.created_at),
+    )

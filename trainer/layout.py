@@ -1,0 +1,128 @@
+"""The shared volume's layout, the one place that builds paths under ``DATA``.
+
+::
+
+    DATA/
+      trainer.db                         job store (SQLite, WAL)
+      tenants.json                       tenants and hashed API keys
+      datasets/<sha256>                  dataset files, content-addressed
+      jobs/<job_id>/                     a job's spec, log, checkpoints and output
+      adapters/<tenant>/<adapter>/<version>/   immutable published versions
+      adapters/<tenant>/<adapter>/current      names the newest version
+      adapters/.staging/                 publishing in progress (same filesystem)
+      tmp/                               uploads in progress
+
+Every name is validated before it is joined onto a path; this module is
+imported by the vLLM plugin too, so it stays free of heavy imports.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.names import check_id, check_name
+
+VERSION_RE = re.compile(r"v[0-9]{4,9}")
+CURRENT = "current"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or creation inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths under one data directory."""
+
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        return self.root / "trainer.db"
+
+    @property
+    def tenants_file(self) -> Path:
+        return self.root / "tenants.json"
+
+    @property
+    def datasets(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs"
+
+    @property
+    def adapters(self) -> Path:
+        return self.root / "adapters"
+
+    @property
+    def staging(self) -> Path:
+        return self.adapters / ".staging"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    def create(self) -> Layout:
+        for d in (self.root, self.datasets, self.jobs, self.adapters, self.staging, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def dataset_file(self, sha256: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ValueError(f"not a sha256: {sha256!r}")
+        return self.datasets / sha256
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs / check_id(job_id, "job_id")
+
+    def adapter_dir(self, tenant: str, adapter: str) -> Path:
+        return self.adapters / check_name(tenant, "tenant") / check_name(adapter, "adapter_name")
+
+    def version_dir(self, tenant: str, adapter: str, version: str) -> Path:
+        if not VERSION_RE.fullmatch(version):
+            raise ValueError(f"not a version: {version!r}")
+        return self.adapter_dir(tenant, adapter) / version
+
+    def current_version(self, tenant: str, adapter: str) -> str | None:
+        """The version ``<tenant>/<adapter>`` points at, or None when it is not published."""
+        try:
+            version = (self.adapter_dir(tenant, adapter) / CURRENT).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return version if VERSION_RE.fullmatch(version) else None
+
+    def current_dir(self, tenant: str, adapter: str) -> Path | None:
+        """The folder of the newest published version, or None."""
+        version = self.current_version(tenant, adapter)
+        if version is None:
+            return None
+        path = self.version_dir(tenant, adapter, version)
+        return path if (path / "adapter_config.json").is_file() else None
+
+    def versions(self, tenant: str, adapter: str) -> list[str]:
+        """Every version folder of an adapter, oldest first."""
+        d = self.adapter_dir(tenant, adapter)
+        if not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if p.is_dir() and VERSION_RE.fullmatch(p.name))

@@ -1,0 +1,99 @@
+"""``python -m trainer serve``: the grpc.aio server with health, reflection and a clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from finetune.v1 import trainer_pb2, trainer_pb2_grpc
+from trainer.auth import Authenticator
+from trainer.config import ServiceConfig
+from trainer.datasets import DatasetIngest
+from trainer.jobs import Jobs
+from trainer.layout import Layout
+from trainer.publish import AdapterLoader, Publisher
+from trainer.scheduler import EventBus, Scheduler
+from trainer.servicer import TrainerServicer
+from trainer.store import SqliteStore
+from trainer.tenants import TenantRegistry
+
+log = logging.getLogger(__name__)
+
+SERVICE = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
+# Uploads arrive in chunks (the client sends 1 MiB); no single message needs more
+# than this, and a cap keeps one call from holding a lot of memory.
+MAX_MESSAGE_BYTES = 4 << 20
+GRACE_S = 10.0
+
+
+def _loader(cfg: ServiceConfig) -> AdapterLoader | None:
+    if not cfg.vllm_url:
+        return None
+    from trainer.vllm_admin import VllmAdmin
+
+    return VllmAdmin(cfg.vllm_url, cfg.vllm_admin_key)
+
+
+async def serve(cfg: ServiceConfig, ready: asyncio.Event | None = None) -> None:
+    layout = Layout(cfg.data_dir).create()
+    store = SqliteStore(layout.db)
+    assert cfg.tenants_file is not None
+    auth = Authenticator(TenantRegistry(cfg.tenants_file))
+    bus = EventBus()
+    publisher = Publisher(layout, store, cfg.max_lora_rank, _loader(cfg))
+    scheduler = Scheduler(store, layout, publisher, cfg.base_models, bus, cfg.devices)
+    jobs = Jobs(store, scheduler, bus, cfg.base_models, cfg.max_lora_rank)
+    datasets = DatasetIngest(store, layout, cfg.max_upload_bytes)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    trainer_pb2_grpc.add_TrainerServicer_to_server(
+        TrainerServicer(auth, store, datasets, jobs, publisher), server
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(cfg.listen)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {cfg.listen}")
+    await scheduler.start()
+    await server.start()
+    for name in ("", SERVICE):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    host = cfg.listen.rsplit(":", 1)[0]
+    # The bound port on one line, so a supervisor (or a test) that asked for port 0 finds it.
+    print(f"trainer listening on {host}:{port}", flush=True)
+    log.info("serving %s on %s:%d, %d device slot(s)", SERVICE, host, port, scheduler.slots)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+
+    log.info("stopping: no new calls, %ss for calls in flight", GRACE_S)
+    await health.enter_graceful_shutdown()
+    await server.stop(GRACE_S)
+    await scheduler.stop()
+    store.close()
+    log.info("stopped")

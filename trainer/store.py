@@ -1,0 +1,362 @@
+"""The job store: datasets, jobs, their events and published adapters, in SQLite (WAL).
+
+One implementation today behind the ``Store`` protocol; when the service grows
+onto several GPU hosts this moves to PostgreSQL (workers claiming jobs with
+``FOR UPDATE SKIP LOCKED``) without the rest of the service changing.
+Every query is scoped by tenant where the object has one, so a caller cannot
+reach another tenant's rows by id.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from trainer.errors import AlreadyExists
+
+
+class JobState(StrEnum):
+    QUEUED = "QUEUED"
+    VALIDATING = "VALIDATING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+    @property
+    def active(self) -> bool:
+        return self in (JobState.VALIDATING, JobState.RUNNING)
+
+
+class ErrorKind(StrEnum):
+    NONE = ""
+    USER = "USER"
+    SYSTEM = "SYSTEM"
+
+
+@dataclass
+class DatasetRecord:
+    id: str
+    tenant: str
+    name: str
+    sha256: str
+    size_bytes: int
+    num_rows: int
+    format: str
+    created_at: float
+
+
+@dataclass
+class JobRecord:
+    id: str
+    tenant: str
+    base_model: str
+    dataset_id: str
+    dataset_sha256: str
+    adapter_name: str
+    config: dict[str, Any]
+    state: JobState = JobState.QUEUED
+    error_kind: ErrorKind = ErrorKind.NONE
+    error_message: str = ""
+    progress: dict[str, Any] | None = None
+    adapter_version: str = ""
+    metrics: dict[str, Any] | None = None
+    pid: int | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+@dataclass
+class EventRecord:
+    job_id: str
+    seq: int
+    time: float
+    state: JobState
+    message: str
+    progress: dict[str, Any] | None
+
+
+@dataclass
+class AdapterRecord:
+    tenant: str
+    name: str
+    version: str
+    job_id: str
+    base_model: str
+    created_at: float
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+class Store(Protocol):
+    """What the service needs from its store (SQLite today, PostgreSQL later)."""
+
+    def add_dataset(self, rec: DatasetRecord) -> None: ...
+    def get_dataset(self, tenant: str, dataset_id: str) -> DatasetRecord | None: ...
+    def find_dataset_by_name(self, tenant: str, name: str) -> DatasetRecord | None: ...
+    def list_datasets(self, tenant: str) -> list[DatasetRecord]: ...
+    def delete_dataset(self, tenant: str, dataset_id: str) -> bool: ...
+    def sha256_in_use(self, sha256: str) -> bool: ...
+    def add_job(self, rec: JobRecord) -> None: ...
+    def get_job(self, tenant: str | None, job_id: str) -> JobRecord | None: ...
+    def list_jobs(self, tenant: str) -> list[JobRecord]: ...
+    def jobs_in_states(self, *states: JobState) -> list[JobRecord]: ...
+    def update_job(self, job_id: str, **fields: Any) -> None: ...
+    def append_event(
+        self, job_id: str, state: JobState, message: str, progress: dict | None = None
+    ) -> EventRecord: ...
+    def events_after(self, job_id: str, seq: int) -> list[EventRecord]: ...
+    def add_adapter(self, rec: AdapterRecord) -> None: ...
+    def list_adapters(self, tenant: str) -> list[AdapterRecord]: ...
+    def delete_adapter(self, tenant: str, name: str) -> bool: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS datasets (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL, name_fold TEXT NOT NULL,
+    sha256 TEXT NOT NULL, size_bytes INTEGER NOT NULL, num_rows INTEGER NOT NULL,
+    format TEXT NOT NULL, created_at REAL NOT NULL,
+    UNIQUE (tenant, name_fold));
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, base_model TEXT NOT NULL,
+    dataset_id TEXT NOT NULL, dataset_sha256 TEXT NOT NULL, adapter_name TEXT NOT NULL,
+    config TEXT NOT NULL, state TEXT NOT NULL, error_kind TEXT NOT NULL DEFAULT '',
+    error_message TEXT NOT NULL DEFAULT '', progress TEXT, adapter_version TEXT NOT NULL DEFAULT '',
+    metrics TEXT, pid INTEGER, created_at REAL NOT NULL, started_at REAL, finished_at REAL);
+CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL, seq INTEGER NOT NULL, time REAL NOT NULL, state TEXT NOT NULL,
+    message TEXT NOT NULL, progress TEXT, PRIMARY KEY (job_id, seq));
+CREATE TABLE IF NOT EXISTS adapters (
+    tenant TEXT NOT NULL, name TEXT NOT NULL, version TEXT NOT NULL, job_id TEXT NOT NULL,
+    base_model TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (tenant, name, version));
+"""
+
+_JSON_FIELDS = {"config", "progress", "metrics"}
+
+
+def _dumps(v: Any) -> str | None:
+    return None if v is None else json.dumps(v)
+
+
+class SqliteStore:
+    """``Store`` on one SQLite file in WAL mode (readers never block the writer)."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # ------------------------------------------------------------ datasets
+    @staticmethod
+    def _dataset(r: sqlite3.Row) -> DatasetRecord:
+        return DatasetRecord(
+            id=r["id"],
+            tenant=r["tenant"],
+            name=r["name"],
+            sha256=r["sha256"],
+            size_bytes=r["size_bytes"],
+            num_rows=r["num_rows"],
+            format=r["format"],
+            created_at=r["created_at"],
+        )
+
+    def add_dataset(self, rec: DatasetRecord) -> None:
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO datasets VALUES (?,?,?,?,?,?,?,?,?)",
+                    (
+                        rec.id,
+                        rec.tenant,
+                        rec.name,
+                        rec.name.lower(),
+                        rec.sha256,
+                        rec.size_bytes,
+                        rec.num_rows,
+                        rec.format,
+                        rec.created_at,
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"header.name: dataset {rec.name!r} exists") from None
+
+    def get_dataset(self, tenant: str, dataset_id: str) -> DatasetRecord | None:
+        rows = self._rows("SELECT * FROM datasets WHERE tenant=? AND id=?", tenant, dataset_id)
+        return self._dataset(rows[0]) if rows else None
+
+    def find_dataset_by_name(self, tenant: str, name: str) -> DatasetRecord | None:
+        rows = self._rows(
+            "SELECT * FROM datasets WHERE tenant=? AND name_fold=?", tenant, name.lower()
+        )
+        return self._dataset(rows[0]) if rows else None
+
+    def list_datasets(self, tenant: str) -> list[DatasetRecord]:
+        rows = self._rows(
+            "SELECT * FROM datasets WHERE tenant=? ORDER BY created_at DESC, id", tenant
+        )
+        return [self._dataset(r) for r in rows]
+
+    def delete_dataset(self, tenant: str, dataset_id: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM datasets WHERE tenant=? AND id=?", (tenant, dataset_id))
+            return cur.rowcount > 0
+
+    def sha256_in_use(self, sha256: str) -> bool:
+        """Whether any dataset record or unfinished job still needs this file."""
+        active = [s.value for s in JobState if not s.terminal]
+        marks = ",".join("?" * len(active))
+        rows = self._rows(
+            f"SELECT 1 FROM datasets WHERE sha256=? UNION ALL "
+            f"SELECT 1 FROM jobs WHERE dataset_sha256=? AND state IN ({marks}) LIMIT 1",
+            sha256,
+            sha256,
+            *active,
+        )
+        return bool(rows)
+
+    # ------------------------------------------------------------ jobs
+    @staticmethod
+    def _job(r: sqlite3.Row) -> JobRecord:
+        d = dict(r)
+        for k in _JSON_FIELDS:
+            d[k] = json.loads(d[k]) if d[k] is not None else None
+        d["state"] = JobState(d["state"])
+        d["error_kind"] = ErrorKind(d["error_kind"])
+        return JobRecord(**d)
+
+    def add_job(self, rec: JobRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (id, tenant, base_model, dataset_id, dataset_sha256, "
+                "adapter_name, config, state, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    rec.id,
+                    rec.tenant,
+                    rec.base_model,
+                    rec.dataset_id,
+                    rec.dataset_sha256,
+                    rec.adapter_name,
+                    json.dumps(rec.config),
+                    rec.state.value,
+                    rec.created_at,
+                ),
+            )
+
+    def get_job(self, tenant: str | None, job_id: str) -> JobRecord | None:
+        if tenant is None:
+            rows = self._rows("SELECT * FROM jobs WHERE id=?", job_id)
+        else:
+            rows = self._rows("SELECT * FROM jobs WHERE tenant=? AND id=?", tenant, job_id)
+        return self._job(rows[0]) if rows else None
+
+    def list_jobs(self, tenant: str) -> list[JobRecord]:
+        rows = self._rows("SELECT * FROM jobs WHERE tenant=? ORDER BY created_at DESC, id", tenant)
+        return [self._job(r) for r in rows]
+
+    def jobs_in_states(self, *states: JobState) -> list[JobRecord]:
+        marks = ",".join("?" * len(states))
+        rows = self._rows(
+            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created_at, id",
+            *(s.value for s in states),
+        )
+        return [self._job(r) for r in rows]
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        cols, vals = [], []
+        for k, v in fields.items():
+            cols.append(f"{k}=?")
+            vals.append(_dumps(v) if k in _JSON_FIELDS else getattr(v, "value", v))
+        with self._tx() as db:
+            db.execute(f"UPDATE jobs SET {', '.join(cols)} WHERE id=?", (*vals, job_id))
+
+    # ------------------------------------------------------------ events
+    def append_event(
+        self, job_id: str, state: JobState, message: str, progress: dict | None = None
+    ) -> EventRecord:
+        now = time.time()
+        with self._tx() as db:
+            (seq,) = db.execute(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id=?", (job_id,)
+            ).fetchone()
+            db.execute(
+                "INSERT INTO events VALUES (?,?,?,?,?,?)",
+                (job_id, seq, now, state.value, message, _dumps(progress)),
+            )
+        return EventRecord(job_id, seq, now, state, message, progress)
+
+    def events_after(self, job_id: str, seq: int) -> list[EventRecord]:
+        rows = self._rows("SELECT * FROM events WHERE job_id=? AND seq>? ORDER BY seq", job_id, seq)
+        return [
+            EventRecord(
+                r["job_id"],
+                r["seq"],
+                r["time"],
+                JobState(r["state"]),
+                r["message"],
+                json.loads(r["progress"]) if r["progress"] else None,
+            )
+            for r in rows
+        ]
+
+    # ------------------------------------------------------------ adapters
+    def add_adapter(self, rec: AdapterRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO adapters VALUES (?,?,?,?,?,?)",
+                (rec.tenant, rec.name, rec.version, rec.job_id, rec.base_model, rec.created_at),
+            )
+
+    def list_adapters(self, tenant: str) -> list[AdapterRecord]:
+        """The newest version of each of the tenant's adapter names."""
+        rows = self._rows(
+            "SELECT * FROM adapters a WHERE tenant=? AND version = "
+            "(SELECT MAX(version) FROM adapters b WHERE b.tenant=a.tenant AND b.name=a.name) "
+            "ORDER BY name",
+            tenant,
+        )
+        return [AdapterRecord(**dict(r)) for r in rows]
+
+    def delete_adapter(self, tenant: str, name: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM adapters WHERE tenant=? AND name=?", (tenant, name))
+            return cur.rowcount > 0
