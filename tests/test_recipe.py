@@ -1,0 +1,280 @@
+"""The QLoRA recipe through its real entry point, ``python -m trainer.worker SPEC``.
+
+No mocks: the worker runs as a subprocess on the tiny model, NF4 base and paged 8-bit
+AdamW included (bitsandbytes runs both on CPU), and the adapter it writes is loaded
+back with PEFT on the bf16 base, the way vLLM serves it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ALL_PROJECTIONS, JobConfig, JobSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION, ANSWER = "What is the secret word?", "banana"
+# 64 identical examples, batch 4: 16 steps an epoch. With the tiny model's wide lm_head
+# the loss is ~0.005 after one epoch; three make the bf16-base answer robust (p > 0.99).
+TRAIN = dict(
+    lora_rank=16,
+    lora_dropout=0.0,
+    learning_rate=2e-3,
+    warmup_steps=0,
+    batch_size=4,
+    gradient_accumulation_steps=1,
+    max_seq_len=128,
+    num_epochs=3,
+    seed=0,
+)
+
+
+def make_spec(tmp: Path, model_dir: Path, dataset: Path, **overrides) -> Path:
+    spec = JobSpec(
+        job_id="job-1",
+        base_model="tiny",
+        base_model_path=str(model_dir),
+        dataset_path=str(dataset),
+        output_dir=str(tmp / "adapter"),
+        checkpoint_dir=str(tmp / "checkpoints"),
+        config=JobConfig(**{**TRAIN, **overrides}),
+    )
+    path = tmp / "spec.json"
+    path.write_text(json.dumps(spec.to_dict()))
+    return path
+
+
+def start_worker(spec: Path, log: Path) -> subprocess.Popen[str]:
+    """The worker in its own process group, as the scheduler starts it."""
+    with open(log, "ab") as stderr:  # the child keeps its own copy
+        return subprocess.Popen(
+            [sys.executable, "-m", "trainer.worker", str(spec)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+
+
+def run_worker(spec: Path, log: Path, timeout: float = 300) -> tuple[int, list[dict]]:
+    proc = start_worker(spec, log)
+    out, _ = proc.communicate(timeout=timeout)
+    # Every stdout line must be an event: library prints went to stderr.
+    return proc.returncode, [json.loads(line) for line in out.splitlines()]
+
+
+def greedy_answer(model, tokenizer) -> str:
+    import torch
+
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}],
+        add_generation_prompt=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, write_chat_dataset, tree_hash):
+    """One real training run; the tests below check what it produced."""
+    tmp = tmp_path_factory.mktemp("train")
+    dataset = write_chat_dataset(tmp / "data.jsonl", [(QUESTION, ANSWER)], repeat=64)
+    spec = make_spec(tmp, tiny_model_dir, dataset)
+    before = tree_hash(tiny_model_dir)
+    code, events = run_worker(spec, tmp / "worker.log")
+    assert code == 0, (tmp / "worker.log").read_text()[-4000:]
+    return {
+        "events": events,
+        "spec": JobSpec.from_dict(json.loads(spec.read_text())),
+        "base_before": before,
+        "log": tmp / "worker.log",
+    }
+
+
+@pytest.mark.slow
+def test_event_stream(trained):
+    events = trained["events"]
+    kinds = [e["event"] for e in events]
+    states = [e["state"] for e in events if e["event"] == "state"]
+    assert states == ["VALIDATING", "RUNNING"]
+    assert kinds[:2] == ["state", "state"] and kinds[-1] == "done"
+    assert "error" not in kinds
+
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [p["step"] for p in progress] == list(range(1, 49))  # 3 epochs x 16 steps
+    assert {p["total_steps"] for p in progress} == {48}
+    assert progress[-1]["epoch"] == pytest.approx(3.0)
+    assert all(p["peak_memory_bytes"] > 0 and p["learning_rate"] > 0 for p in progress)
+    assert progress[-1]["loss"] < progress[0]["loss"] / 10
+    assert progress[-1]["eta_seconds"] == 0
+
+    checkpoints = [e for e in events if e["event"] == "checkpoint"]
+    assert [c["step"] for c in checkpoints] == [16, 32, 48]  # one per epoch
+    assert Path(checkpoints[-1]["path"]).is_dir()
+
+    metrics = events[-1]["metrics"]
+    assert metrics["steps"] == 48 and metrics["seed"] == 0
+    assert metrics["train_loss"] < 1.0
+    assert metrics["tokens_trained"] > 48 * 4 * 10
+    assert metrics["runtime_s"] > 0 and metrics["resumed_from_step"] is None
+
+
+@pytest.mark.slow
+def test_adapter_folder_is_what_vllm_accepts(trained, tiny_model_dir, tree_hash):
+    from safetensors.torch import load_file
+
+    out = Path(trained["spec"].output_dir)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 16 and cfg["lora_alpha"] == 32
+    assert sorted(cfg["target_modules"]) == sorted(ALL_PROJECTIONS)
+    assert cfg["base_model_name_or_path"] == "tiny"  # the served name, not a path
+    assert not cfg.get("modules_to_save")
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= {
+        p.name for p in out.iterdir()
+    }
+
+    weights = load_file(out / "adapter_model.safetensors")
+    lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
+    assert len(lora_b) == 2 * len(ALL_PROJECTIONS)  # 2 layers
+    assert all(v.abs().max() > 0 for v in lora_b.values()), "a lora_B stayed at its zero init"
+    assert not any("lm_head" in k or "embed_tokens" in k for k in weights)
+
+    assert tree_hash(tiny_model_dir) == trained["base_before"], "training modified the base"
+
+
+@pytest.mark.slow
+def test_adapter_teaches_the_answer_on_the_bf16_base(trained, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    assert ANSWER not in greedy_answer(base, tokenizer)
+    tuned = PeftModel.from_pretrained(base, trained["spec"].output_dir).eval()
+    assert greedy_answer(tuned, tokenizer).strip() == ANSWER
+
+
+@pytest.mark.slow
+def test_malformed_line_is_a_user_error_naming_it(tmp_path, tiny_model_dir, write_chat_dataset):
+    dataset = write_chat_dataset(tmp_path / "data.jsonl", [(QUESTION, ANSWER)], repeat=5)
+    with open(dataset, "a") as f:
+        f.write('{"messages": [{"role": "user", "content": "hi"}\n')  # line 6: cut short
+    code, events = run_worker(make_spec(tmp_path, tiny_model_dir, dataset), tmp_path / "w.log")
+    assert code == 2
+    assert events[0] == {
+        "event": "state",
+        "state": "VALIDATING",
+        "message": "checking hyperparameters and dataset",
+    }
+    assert events[-1]["event"] == "error" and events[-1]["kind"] == "user"
+    assert "line 6" in events[-1]["message"]
+    assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, write_chat_dataset):
+    dataset = write_chat_dataset(tmp_path / "data.jsonl", [(QUESTION, ANSWER)], repeat=64)
+    spec = make_spec(tmp_path, tiny_model_dir, dataset, checkpoint_every_steps=8)
+    log = tmp_path / "worker.log"
+
+    proc = start_worker(spec, log)
+    assert proc.stdout is not None
+    first_checkpoint = None
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "checkpoint":
+            first_checkpoint = event["step"]
+            os.killpg(proc.pid, signal.SIGKILL)  # a crash, as the scheduler would see it
+            break
+    proc.wait(timeout=60)
+    assert first_checkpoint == 8, log.read_text()[-4000:]
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "adapter").exists()
+
+    code, events = run_worker(spec, log)
+    assert code == 0, log.read_text()[-4000:]
+    steps = [e["step"] for e in events if e["event"] == "progress"]
+    resumed = events[-1]["metrics"]["resumed_from_step"]
+    assert resumed is not None and resumed >= first_checkpoint
+    assert steps == list(range(resumed + 1, 49))  # continues, not from step 1
+    assert events[-1]["metrics"]["steps"] == 48
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+GOOD = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"input": "x", "output": "y"}', "expected exactly one of"),
+        ('{"messages": [], "text": "x"}', "expected exactly one of"),
+        ('{"messages": "hello"}', "non-empty list"),
+        ('{"messages": [{"role": "robot", "content": "x"}]}', "needs a role"),
+        ('{"messages": [{"role": "user", "content": 3}]}', "string content"),
+        ('{"messages": [{"role": "user", "content": "only a question"}]}', "no assistant"),
+        ('{"prompt": "q", "completion": ""}', "non-empty string"),
+        ('{"text": "a row of another format"}', "one format"),
+    ],
+)
+def test_dataset_rows_are_checked_with_their_line_number(tmp_path, tiny_model_dir, line, why):
+    from transformers import AutoTokenizer
+
+    from trainer.recipe import UserError, load_rows
+
+    path = tmp_path / "data.jsonl"
+    path.write_text(f"{GOOD}\n\n{GOOD}\n{line}\n{GOOD}\n")  # the bad row is line 4
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with pytest.raises(UserError, match=why) as info:
+        load_rows(path, tokenizer, max_len=128)
+    assert info.value.line == 4 and "line 4" in str(info.value)
+
+
+def test_rows_with_nothing_to_train_within_max_seq_len_are_refused(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from trainer.recipe import UserError, load_rows
+
+    long_question = "tell me a story " * 40
+    path = tmp_path / "data.jsonl"
+    path.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": long_question},
+                    {"role": "assistant", "content": "no"},
+                ]
+            }
+        )
+        + "\n"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with pytest.raises(UserError, match="nothing to train on") as info:
+        load_rows(path, tokenizer, max_len=64)
+    assert info.value.line == 1
+    fmt, rows = load_rows(path, tokenizer, max_len=1024)
+    assert fmt == "messages" and len(rows) == 1
+
+
+def test_out_of_memory_is_reported_with_advice():
+    import torch
+
+    from trainer.worker import system_error_message
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\ndetails")
+    message = system_error_message(oom)
+    assert message.startswith("out of memory") and "batch_size" in message
+    assert "max_seq_len" in message
