@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the vLLM server's --max-lora-rank (env FINETUNE_MAX_LORA_RANK)",
     )
     s.add_argument(
+        "--gpu-memory-budget",
+        type=float,
+        default=float(b) if (b := _env("GPU_MEMORY_BUDGET")) else None,
+        metavar="FRACTION",
+        help="share of the GPU's memory the trainer may use; vLLM's "
+        "--gpu-memory-utilization takes the rest (env FINETUNE_GPU_MEMORY_BUDGET)",
+    )
+    s.add_argument(
         "--devices", type=int, default=None, help="jobs at once (default: one per GPU, or 1 on CPU)"
     )
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
@@ -202,6 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=args.max_upload_bytes,
         max_lora_rank=args.max_lora_rank,
         devices=args.devices,
+        gpu_memory_budget=args.gpu_memory_budget,
     )
     asyncio.run(serve(cfg))
     return 0

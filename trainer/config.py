@@ -123,6 +123,9 @@ class JobSpec:
     output_dir: str = field(metadata={"help": "Where the finished adapter is saved."})
     checkpoint_dir: str = field(metadata={"help": "Where checkpoints go; resumed from if any."})
     config: JobConfig = field(default_factory=JobConfig)
+    fast_path: bool = field(
+        default=True, metadata={"help": "On a GPU, train through trainer.fastpath."}
+    )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -164,6 +167,10 @@ class ServiceConfig:
     devices: int | None = field(
         default=None, metadata={"help": "Jobs run at once; None = one per GPU, or 1 on CPU."}
     )
+    gpu_memory_budget: float | None = field(
+        default=None,
+        metadata={"help": "Share of the GPU's memory a job may use; None = no check."},
+    )
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -171,3 +178,5 @@ class ServiceConfig:
             self.tenants_file = self.data_dir / "tenants.json"
         if self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank {self.max_lora_rank} is not one of {VLLM_LORA_RANKS}")
+        if self.gpu_memory_budget is not None and not 0 < self.gpu_memory_budget <= 1:
+            raise ValueError(f"gpu_memory_budget {self.gpu_memory_budget} is not in (0, 1]")

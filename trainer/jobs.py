@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from trainer.config import JobConfig
 from trainer.errors import AlreadyExists, InvalidArgument, NotFound
+from trainer.memory import MemoryBudget
 from trainer.names import check_id, check_name, fold
 from trainer.scheduler import EventBus, Scheduler
 from trainer.store import EventRecord, JobRecord, JobState, Store, new_id
@@ -20,12 +21,14 @@ class Jobs:
         bus: EventBus,
         base_models: dict[str, str],
         max_lora_rank: int,
+        memory: MemoryBudget | None = None,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
         self.bus = bus
         self.base_models = base_models
         self.max_lora_rank = max_lora_rank
+        self.memory = memory
         self._create_lock = asyncio.Lock()
 
     async def create(
@@ -39,6 +42,8 @@ class Jobs:
         check_name(adapter_name, "adapter_name")
         check_id(dataset_id, "dataset_id")
         cfg.validate(self.max_lora_rank)
+        if self.memory is not None:
+            self.memory.check(self.base_models[base_model], cfg)
         ds = self.store.get_dataset(tenant, dataset_id)
         if ds is None:
             raise NotFound(f"dataset_id: dataset {dataset_id!r} not found")

@@ -17,6 +17,7 @@ from trainer.config import ServiceConfig
 from trainer.datasets import DatasetIngest
 from trainer.jobs import Jobs
 from trainer.layout import Layout
+from trainer.memory import MemoryBudget
 from trainer.publish import AdapterLoader, Publisher
 from trainer.scheduler import EventBus, Scheduler
 from trainer.servicer import TrainerServicer
@@ -48,7 +49,10 @@ async def serve(cfg: ServiceConfig, ready: asyncio.Event | None = None) -> None:
     bus = EventBus()
     publisher = Publisher(layout, store, cfg.max_lora_rank, _loader(cfg))
     scheduler = Scheduler(store, layout, publisher, cfg.base_models, bus, cfg.devices)
-    jobs = Jobs(store, scheduler, bus, cfg.base_models, cfg.max_lora_rank)
+    budget = MemoryBudget.detect(cfg.gpu_memory_budget)
+    if cfg.gpu_memory_budget is not None and budget is None:
+        log.warning("no GPU found: the memory budget of %s is not checked", cfg.gpu_memory_budget)
+    jobs = Jobs(store, scheduler, bus, cfg.base_models, cfg.max_lora_rank, budget)
     datasets = DatasetIngest(store, layout, cfg.max_upload_bytes)
 
     server = grpc.aio.server(

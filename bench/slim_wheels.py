@@ -1,0 +1,62 @@
+"""Fit the GPU machine's missing wheels into one call's 64 MiB carry.
+
+``shared/gpu/fetch-wheels.sh`` downloads ``.whl`` (43 MB) and ``.whl2`` (38 MB, Unsloth),
+too much to carry together. Most of it is dead weight there: bitsandbytes ships one
+library per CUDA version (the H200 image is CUDA 13.0) and the Unsloth wheel carries its
+web "studio". This copies the wheels into ``.whlbench/`` and ``.whlbench/unsloth/`` (git-ignored)
+without those, keeping each wheel's RECORD consistent; bench/README.md shows the call.
+
+    python3 bench/slim_wheels.py && du -sh .whlbench
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DROP = [
+    re.compile(r"^bitsandbytes/libbitsandbytes_cuda1(1|2)\d\.so$"),  # keep cuda13x and cpu
+    re.compile(r"^studio/"),  # Unsloth's web UI
+]
+
+
+def slim(src: Path, dest: Path) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            name = info.filename
+            if any(p.search(name) for p in DROP):
+                continue
+            data = zin.read(name)
+            if name.endswith(".dist-info/RECORD"):
+                keep = [
+                    line
+                    for line in data.decode().splitlines()
+                    if not any(p.search(line.split(",")[0]) for p in DROP)
+                ]
+                data = ("\n".join(keep) + "\n").encode()
+            zout.writestr(info, data)
+
+
+def main() -> None:
+    out = ROOT / ".whlbench"
+    out.mkdir(exist_ok=True)
+    exclude = ROOT / ".git" / "info" / "exclude"
+    if "/.whlbench/" not in (exclude.read_text().splitlines() if exclude.exists() else []):
+        with open(exclude, "a") as f:
+            f.write("/.whlbench/\n")
+    if not list((ROOT / ".whl2").glob("*.whl")):
+        subprocess.run(["bash", str(ROOT.parent / "shared/gpu/fetch-wheels.sh")], check=True)
+    # Unsloth's set goes into its own folder: only its benchmark subprocess sees it.
+    (out / "unsloth").mkdir(exist_ok=True)
+    for src, dest in ((".whl", out), (".whl2", out / "unsloth")):
+        for w in sorted((ROOT / src).glob("*.whl")):
+            slim(w, dest / w.name)
+    total = sum(p.stat().st_size for p in out.rglob("*.whl"))
+    print(f"{total / 2**20:.1f} MiB of wheels in {out} and {out / 'unsloth'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,553 @@
+"""QLoRA training speed and memory on one GPU: reference recipe vs Unsloth vs our fast path.
+
+Runs on the GPU machine in one call. An 8B-shaped Llama (Llama 3.1 8B dimensions, random
+weights) is built once and saved in bf16 safetensors, then every recipe loads it the
+product's way (``from_pretrained`` with NF4, double quantisation, bf16 compute) in its
+own subprocess (Unsloth patches transformers globally). Each recipe trains LoRA r=64,
+alpha 128 on all seven projections with paged 8-bit AdamW, batch 4 x accumulation 4, on
+
+* ``full``: rows of 2048 tokens;
+* ``mix``: example lengths log-normal (median 300, sigma 0.9) clipped to [16, 2048];
+  4 examples a step for the reference and Unsloth (padded and padding-free), packed
+  into rows of up to 2048 tokens for the fast path (TRL's BFD packing).
+
+It prints real (non-padding) tokens/s, the share of the bf16 matmul peak measured in
+the same run (46.6 GFLOP per token with checkpointing), peak allocated and reserved GiB
+and the ratios. Results are JSON lines in ``$OUT/results.jsonl``.
+
+    python3 bench/train_speed.py                       # everything
+    python3 bench/train_speed.py --recipes fast --variants fast,fast-nooffload
+
+bench/README.md has the device call (wheels from ``bench/slim_wheels.py``) and the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GFLOP_PER_TOKEN = 46.6  # forward + recompute + input-gradient backward, 8B, with checkpointing
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEQ, BATCH, ACCUM = 2048, 4, 4
+DEVICE_MAP: dict | str = {"": 0}  # the CPU smoke test of this script sets "cpu"
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "UNSLOTH_DISABLE_STATISTICS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def log(*parts: object) -> None:
+    print(*parts, flush=True)
+
+
+# ------------------------------------------------------------------ model and peak
+
+
+def build(model_dir: Path, out: Path) -> None:
+    """Write the random 8B-shaped Llama and a stand-in tokenizer; measure the bf16 peak."""
+    import torch
+
+    if not (model_dir / "config.json").exists():
+        from tokenizers import Tokenizer, models
+        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+        t0 = time.time()
+        config = LlamaConfig(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            dtype="bfloat16",
+        )
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config)
+        torch.set_default_dtype(torch.float32)
+        model.save_pretrained(model_dir, max_shard_size="5GB")
+        vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+            pad_token="<pad>",
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            model_max_length=SEQ,
+        )
+        tok.save_pretrained(model_dir)
+        del model
+        torch.cuda.empty_cache()
+        log(f"built {model_dir} in {time.time() - t0:.0f}s")
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    peak = 2 * n**3 / times[len(times) // 2] / 1e12
+    line = {"kind": "peak", "bf16_tflops": round(peak, 1), "gpu": torch.cuda.get_device_name()}
+    log("RESULT " + json.dumps(line))
+
+
+# ------------------------------------------------------------------ data
+
+
+def make_dataset(workload: str, n: int, seed: int = 0):
+    import numpy as np
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    if workload == "full":
+        lengths = np.full(n, SEQ)
+    else:
+        lengths = np.clip(rng.lognormal(np.log(300), 0.9, n), 16, SEQ).astype(int)
+    rows = [rng.integers(4, 128000, int(k)).tolist() for k in lengths]
+    return Dataset.from_dict({"input_ids": rows})
+
+
+# ------------------------------------------------------------------ measuring
+
+
+class Meter:
+    """Counts real tokens per forward and times optimizer steps (synchronised)."""
+
+    def __init__(self, model, warmup: int, measure: int, profile_to: Path | None) -> None:
+        import torch
+        from transformers import TrainerCallback
+
+        self.pending: list = []
+        self.step_tokens: list[int] = []
+        self.step_ends: list[float] = []
+        self.warmup, self.measure, self.profile_to = warmup, measure, profile_to
+        self.prof = None
+        meter = self
+
+        def count(_module, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            ids = kwargs.get("input_ids")
+            if mask is not None:
+                meter.pending.append(mask.sum())
+            elif ids is not None:
+                meter.pending.append(torch.tensor(ids.numel()))
+
+        self.hook = model.register_forward_pre_hook(count, with_kwargs=True)
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                torch.cuda.synchronize()
+                meter.step_ends.append(time.perf_counter())
+                meter.pending.clear()
+
+            def on_step_end(self, args, state, control, **kw):
+                torch.cuda.synchronize()
+                meter.step_ends.append(time.perf_counter())
+                meter.step_tokens.append(int(sum(int(t) for t in meter.pending)))
+                meter.pending.clear()
+                done = len(meter.step_tokens)
+                if meter.profile_to is not None and done == meter.warmup + meter.measure:
+                    meter.prof = torch.profiler.profile(
+                        activities=[
+                            torch.profiler.ProfilerActivity.CPU,
+                            torch.profiler.ProfilerActivity.CUDA,
+                        ]
+                    )
+                    meter.prof.__enter__()
+                elif meter.prof is not None:
+                    meter.prof.__exit__(None, None, None)
+                    meter.write_profile(meter.step_ends[-1] - meter.step_ends[-2])
+                    meter.prof = None
+
+        self.callback = Callback()
+
+    def write_profile(self, wall: float) -> None:
+        ka = self.prof.key_averages()
+        attr = "self_device_time_total"
+        busy = sum(getattr(e, attr, 0) for e in ka) / 1e6
+        text = [f"one optimizer step: wall {wall:.3f}s, summed self device time {busy:.3f}s"]
+        for sort in ("self_device_time_total", "self_cpu_time_total"):
+            try:
+                text.append(ka.table(sort_by=sort, row_limit=45, max_name_column_width=70))
+            except Exception as e:  # profiler column names move between versions
+                text.append(f"table by {sort} failed: {e}")
+        assert self.profile_to is not None
+        self.profile_to.write_text("\n".join(text))
+
+    def result(self) -> dict:
+        w, m = self.warmup, self.measure
+        ends, toks = self.step_ends, self.step_tokens
+        m = min(m, len(toks) - w)
+        window = ends[w + m] - ends[w]
+        tokens = sum(toks[w : w + m])
+        steps = sorted(ends[i + 1] - ends[i] for i in range(w, w + m))
+        return {
+            "tokens_per_s": round(tokens / window, 1),
+            "measured_steps": m,
+            "micro_steps": m * ACCUM,
+            "tokens_measured": tokens,
+            "step_s_median": round(steps[len(steps) // 2], 3),
+            "first_step_s": round(ends[1] - ends[0], 2),
+        }
+
+
+# ------------------------------------------------------------------ recipes
+
+
+def bnb_config():
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def sft_args(out_dir: str, steps: int, **extra):
+    from trl import SFTConfig
+
+    args = dict(
+        max_length=SEQ,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUM,
+        num_train_epochs=3,
+        learning_rate=2e-4,
+        optim="paged_adamw_8bit",
+        fp16=False,
+        bf16=True,
+        logging_steps=10,
+        save_strategy="no",
+        output_dir=out_dir,
+        max_steps=steps,
+        report_to="none",
+        seed=42,
+    )
+    args.update(extra)
+    return SFTConfig(**args)
+
+
+def load_reference(model_dir: Path):
+    """DEVELOPERS.md's recipe as written: prepare_model_for_kbit_training, dropout 0.05."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=bnb_config(), device_map=DEVICE_MAP
+    )
+    model = prepare_model_for_kbit_training(model)
+    lora = LoraConfig(
+        r=64,
+        lora_alpha=128,
+        target_modules=ALL_PROJECTIONS,
+        lora_dropout=0.05,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), AutoTokenizer.from_pretrained(model_dir)
+
+
+def load_unsloth(model_dir: Path):
+    """Unsloth as it recommends: its loader, dropout 0, its offloaded checkpointing."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(
+        model_name=str(model_dir), max_seq_length=SEQ, dtype=torch.bfloat16, load_in_4bit=True
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=64,
+        lora_alpha=128,
+        lora_dropout=0,
+        target_modules=ALL_PROJECTIONS,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=3407,
+    )
+    return model, tok
+
+
+def load_fast(model_dir: Path):
+    """The product's recipe as a GPU job runs it: ``trainer.recipe.load_model`` with the
+    fast path, at the reference hyperparameters (r=64, alpha 128, dropout 0.05)."""
+    from transformers import AutoTokenizer
+
+    from trainer.config import JobConfig
+    from trainer.fastpath import FastPathConfig
+    from trainer.recipe import load_model
+
+    model = load_model(str(model_dir), JobConfig(), FastPathConfig())
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def apply_variant(model, variant: str) -> dict:
+    """Switch the fast path's pieces on or off in place; return the SFTConfig extras.
+
+    ``fast`` is everything on; ``-nopack``, ``-nofuse``, ``-nooffload``, ``-nocompile``
+    and ``-gpuembed`` turn one piece off each, ``-drop0`` sets LoRA dropout to 0.
+    """
+    import sys
+
+    import torch
+    import torch.nn.functional as F
+    from peft.tuners.lora import LoraLayer
+
+    from trainer import fastpath
+
+    flags = set(variant.split("-")[1:])
+    base = model.get_base_model()
+    pack = "nopack" not in flags
+    base.set_attn_implementation(fastpath.ATTN_IMPLEMENTATION if pack else "sdpa")
+    func = fastpath._non_reentrant_checkpoint if "nooffload" in flags else None
+    func = func or fastpath.offloaded_checkpoint
+    eager = "nocompile" in flags
+    for module in base.modules():
+        if hasattr(module, "_gradient_checkpointing_func"):
+            module._gradient_checkpointing_func = func
+        if hasattr(module, "_fastpath_eager_forward"):
+            norm = type(module).__name__.endswith("RMSNorm")
+            fused = fastpath._norm_forward if norm else fastpath._mlp_forward
+            module.forward = module._fastpath_eager_forward if eager else fused.__get__(module)
+        if isinstance(module, fastpath.HostEmbedding):
+            if "gpuembed" in flags:  # the table back on the GPU, as without host embeddings
+                if not hasattr(module, "_bench_table"):
+                    module._bench_table = module.table.to(module.device)
+                table = module._bench_table
+                module.forward = lambda ids, t=table, m=module: F.embedding(ids, t, m.padding_idx)
+            else:
+                module.__dict__.pop("forward", None)
+                module.__dict__.pop("_bench_table", None)
+                torch.cuda.empty_cache()
+    modeling = sys.modules[type(base).__module__]
+    if hasattr(modeling, "_fastpath_eager_rope"):
+        rope = modeling._fastpath_eager_rope if eager else modeling._fastpath_compiled_rope
+        modeling.apply_rotary_pos_emb = rope
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "_fastpath_forward"):
+            if "nofuse" in flags:
+                module.forward = module._fastpath_forward
+            else:
+                module.forward = fastpath._fused_lora_forward.__get__(module)
+            if not hasattr(module, "_bench_dropout"):
+                module._bench_dropout = module.lora_dropout["default"]
+            drop = torch.nn.Identity() if "drop0" in flags else module._bench_dropout
+            module.lora_dropout["default"] = drop
+    cfg = fastpath.FastPathConfig(varlen_attention=pack)
+    return cfg.sft_args()
+
+
+def estimate_gib(model_dir: Path, recipe: str) -> float | None:
+    """What the trainer's memory budget check expects this recipe to need."""
+    from trainer.config import JobConfig
+    from trainer.memory import GIB, ModelShape, estimate_bytes
+
+    shape = ModelShape.from_folder(model_dir)
+    if shape is None or recipe == "unsloth":
+        return None
+    return round(estimate_bytes(shape, JobConfig(), fast_path=recipe == "fast") / GIB, 2)
+
+
+def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None:
+    import gc
+
+    if recipe == "unsloth":
+        import unsloth  # noqa: F401  (first: it patches transformers and TRL)
+    import torch
+    from trl import SFTTrainer
+
+    t0 = time.time()
+    loader = {"reference": load_reference, "unsloth": load_unsloth, "fast": load_fast}[recipe]
+    model, tok = loader(args.model_dir)
+    log(f"[{recipe}] loaded in {time.time() - t0:.0f}s")
+    steps = args.warmup + args.measure + 1  # +1: a spare step (profiled for the fast path)
+    data = {"full": make_dataset("full", steps * ACCUM * BATCH), "mix": make_dataset("mix", 1200)}
+    for spec in variants:
+        # "fast-nofuse:full" runs that variant on the full workload only
+        variant, _, only = spec.partition(":")
+        extra = apply_variant(model, variant) if recipe == "fast" else {}
+        if recipe == "unsloth":
+            extra = {"padding_free": True, "max_length": None}
+        for workload in only.split("+") if only else workloads:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            prof = None
+            if args.profile and workload == "full" and variant in ("reference", "fast"):
+                prof = args.out / f"profile_{variant}.txt"
+            meter = Meter(model, args.warmup, args.measure, prof)
+            trainer = SFTTrainer(
+                model=model,
+                processing_class=tok,
+                train_dataset=data[workload],
+                args=sft_args(str(args.scratch / f"{variant}-{workload}"), steps, **extra),
+                callbacks=[meter.callback],
+            )
+            try:
+                out = trainer.train()
+                res = meter.result()
+                res["train_loss"] = round(out.training_loss, 4)
+                res["error"] = None
+            except Exception as e:  # report and go on with the next workload
+                import traceback
+
+                traceback.print_exc()
+                res = {"error": f"{type(e).__name__}: {e}"[:500]}
+            res.update(
+                kind="train",
+                recipe=recipe,
+                variant=variant,
+                workload=workload,
+                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+                estimate_gib=estimate_gib(args.model_dir, recipe),
+            )
+            log("RESULT " + json.dumps(res))
+            meter.hook.remove()
+            del trainer
+            gc.collect()
+
+
+# ------------------------------------------------------------------ orchestration
+
+
+def run_child(cmd: list[str], logf, timeout: float, extra_path: str = "") -> list[dict]:
+    path = ":".join(p for p in (str(ROOT), extra_path, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": path}
+    results = []
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
+    )
+    deadline = time.time() + timeout
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        logf.write(line)
+        logf.flush()
+        if line.startswith("RESULT "):
+            results.append(json.loads(line[7:]))
+            log(line.rstrip())
+        elif line.startswith("[") or "Error" in line or "error" in line[:80]:
+            log("  " + line.rstrip()[:300])
+        if time.time() > deadline:
+            proc.kill()
+            log(f"  killed after {timeout:.0f}s: {' '.join(cmd[-6:])}")
+            break
+    proc.wait()
+    return results
+
+
+def summarise(results: list[dict], out: Path) -> str:
+    peak = next((r["bf16_tflops"] for r in results if r.get("kind") == "peak"), None)
+    rows = [r for r in results if r.get("kind") == "train"]
+    lines = [
+        f"GPU: {next((r['gpu'] for r in results if r.get('kind') == 'peak'), '?')}, "
+        f"measured bf16 matmul peak {peak} TFLOP/s"
+    ]
+    for workload in ("full", "mix"):
+        sel = [r for r in rows if r["workload"] == workload]
+        if not sel:
+            continue
+        ref = next((r for r in sel if r["variant"] == "reference" and not r["error"]), None)
+        uns = next((r for r in sel if r["variant"] == "unsloth" and not r["error"]), None)
+        lines.append(
+            f"\n{workload}: real tokens/s | share of peak | peak alloc / reserved GiB | "
+            "vs reference | vs Unsloth | median step s | loss | budget estimate GiB"
+        )
+        for r in sel:
+            if r["error"]:
+                lines.append(f"  {r['variant']:<24} ERROR {r['error'][:160]}")
+                continue
+            tps = r["tokens_per_s"]
+            share = tps * GFLOP_PER_TOKEN / 1e3 / peak if peak else float("nan")
+            vs_ref = f"{tps / ref['tokens_per_s']:.2f}x" if ref else "-"
+            vs_uns = f"{tps / uns['tokens_per_s']:.2f}x" if uns else "-"
+            lines.append(
+                f"  {r['variant']:<24} {tps:>9,.0f} | {share:6.1%} | "
+                f"{r['peak_alloc_gib']:5.2f} / {r['peak_reserved_gib']:5.2f} | {vs_ref} | {vs_uns}"
+                f" | {r['step_s_median']} | {r.get('train_loss')} | {r.get('estimate_gib')}"
+            )
+    text = "\n".join(lines)
+    (out / "summary.txt").write_text(text + "\n")
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    p.add_argument("--model-dir", type=Path, default=None)
+    p.add_argument("--recipes", default="fast,reference,unsloth")
+    p.add_argument("--variants", default="fast", help="fast-path variants, e.g. fast-nooffload")
+    p.add_argument("--workloads", default="full,mix")
+    p.add_argument("--warmup", type=int, default=1, help="optimizer steps (x4 micro-steps)")
+    p.add_argument("--measure", type=int, default=4, help="optimizer steps (x4 micro-steps)")
+    p.add_argument("--profile", action="store_true", help="profile one step of the full runs")
+    p.add_argument("--budget-s", type=float, default=540, help="stop starting recipes after this")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.model_dir is None:
+        shm = Path("/dev/shm")
+        roomy = shm.exists() and shutil.disk_usage(shm).free > 24 * 2**30
+        args.model_dir = (shm if roomy else Path("/tmp")) / "llama-8b-random"
+    args.scratch = Path("/tmp/bench-scratch")
+    workloads = args.workloads.split(",")
+
+    if args.build:
+        return build(args.model_dir, args.out)
+    if args.worker:
+        variants = args.variants.split(",") if args.worker == "fast" else [args.worker]
+        return worker(args.worker, variants, workloads, args)
+
+    t0 = time.time()
+    results: list[dict] = []
+    me = [sys.executable, str(Path(__file__).resolve())]
+    common = ["--out", str(args.out), "--model-dir", str(args.model_dir)]
+    common += ["--warmup", str(args.warmup), "--measure", str(args.measure)]
+    common += ["--workloads", args.workloads] + (["--profile"] if args.profile else [])
+    with open(args.out / "log.txt", "a") as logf:
+        results += run_child([*me, "--build", *common], logf, 300)
+        for recipe in args.recipes.split(","):
+            left = args.budget_s - (time.time() - t0)
+            if left < 60:
+                log(f"skipping {recipe}: {left:.0f}s of the budget left")
+                continue
+            cmd = [*me, "--worker", recipe, "--variants", args.variants, *common]
+            # Unsloth's wheels (and its torchao) are on the path of its own subprocess only.
+            extra = os.environ.get("BENCH_UNSLOTH_PATH", "") if recipe == "unsloth" else ""
+            results += run_child(cmd, logf, left, extra)
+    with open(args.out / "results.jsonl", "a") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+    log("\n" + summarise(results, args.out))
+    log(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The GPU memory budget: estimates track measured peaks; jobs that cannot fit are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer.config import JobConfig
+from trainer.errors import FailedPrecondition
+from trainer.memory import GIB, MemoryBudget, ModelShape, check_budget, estimate_bytes
+
+# Llama 3.1 8B's config.json (the fields that decide memory).
+LLAMA_8B = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+
+
+@pytest.fixture
+def llama_8b_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B))
+    return tmp_path
+
+
+def test_estimates_track_the_peaks_measured_on_the_h200():
+    # bench/README.md, run 3: r=64, batch 4 x 2048, all seven projections.
+    shape = ModelShape.from_config(LLAMA_8B)
+    fast = estimate_bytes(shape, JobConfig()) / GIB
+    reference = estimate_bytes(shape, JobConfig(), fast_path=False) / GIB
+    assert fast == pytest.approx(7.26, rel=0.05)
+    assert reference == pytest.approx(15.78, rel=0.05)
+
+
+def test_the_estimate_grows_with_what_the_job_asks_for():
+    shape = ModelShape.from_config(LLAMA_8B)
+    base = estimate_bytes(shape, JobConfig())
+    assert estimate_bytes(shape, JobConfig(batch_size=8)) > base
+    assert estimate_bytes(shape, JobConfig(max_seq_len=4096)) > base
+    assert estimate_bytes(shape, JobConfig(lora_rank=128)) > base
+    assert estimate_bytes(shape, JobConfig(target_modules=("q", "v"))) < base
+
+
+def test_a_job_over_the_budget_is_refused_with_what_to_change(llama_8b_dir):
+    budget = MemoryBudget(fraction=0.40, total_bytes=16 * GIB)  # 6.4 GiB of a 16 GiB card
+    with pytest.raises(FailedPrecondition) as e:
+        budget.check(str(llama_8b_dir), JobConfig())
+    message = str(e.value)
+    assert "7.4 GiB" in message and "6.4 GiB" in message
+    assert "FINETUNE_GPU_MEMORY_BUDGET" in message and "batch_size" in message
+    # The same job fits when the trainer has more of the card, or asks for less.
+    assert budget.check(str(llama_8b_dir), JobConfig(batch_size=1, max_seq_len=1024)) is not None
+    assert MemoryBudget(0.5, 16 * GIB).check(str(llama_8b_dir), JobConfig()) is not None
+
+
+def test_nothing_is_checked_without_a_shape_or_a_gpu(tmp_path):
+    assert ModelShape.from_folder(tmp_path / "missing") is None
+    assert MemoryBudget(0.01, GIB).check("meta-llama/Llama-3.1-8B", JobConfig()) is None
+    shape = ModelShape.from_config(LLAMA_8B)
+    assert check_budget(shape, JobConfig(), None, None) == estimate_bytes(shape, JobConfig())
+
+
+def test_the_tiny_test_model_has_a_shape(tiny_model_dir):
+    shape = ModelShape.from_folder(tiny_model_dir)
+    assert shape is not None and shape.head_dim == 64
+    assert 0 < estimate_bytes(shape, JobConfig(lora_rank=8)) < GIB

@@ -1,0 +1,515 @@
+"""Speed-ups for the QLoRA recipe that leave what it computes unchanged.
+
+The recipe (``trainer.recipe``) stays one readable TRL ``SFTTrainer`` run; this module
+holds what it calls to make that run fast and lean on a GPU. Each piece computes the
+same function as the plain path (same loss up to bf16 rounding, same adapter format),
+and each runs for real on the CPU too, where the tests check it:
+
+* **Packing without cross-example attention.** TRL packs examples into rows
+  (``packing=True, packing_strategy="bfd"``) and flattens a batch into one row with
+  ``position_ids`` restarting at 0 for each example. The ``"fastpath_varlen"``
+  attention implementation turns those positions into ``cu_seqlens`` once per forward
+  and runs variable-length causal attention, so no token sees another example: on CUDA
+  through PyTorch's own FlashAttention-2 varlen kernels (no flash-attn package, no hub
+  kernel), elsewhere one causal SDPA call per example. A real workload (most examples a
+  few hundred tokens) then keeps the GPU as busy as full 2048-token rows.
+* **No fp32 upcast.** ``prepare_model`` replaces PEFT's
+  ``prepare_model_for_kbit_training``, which casts the embeddings, the LM head and the
+  norms to fp32 and so makes the whole residual stream fp32: twice the activation
+  bytes and checkpoints, for no gain over bf16 autocast.
+* **Offloaded checkpoints.** Each decoder layer is recomputed in the backward (as with
+  gradient checkpointing) and its input is parked in pinned host memory in between,
+  copied on a side stream and prefetched one layer ahead, so the layer inputs
+  (``layers x tokens x hidden`` bf16, 2 GiB for an 8B model at 4 x 2048) leave the GPU.
+* **Host embeddings.** The input-embedding table is frozen and only gathered from:
+  it stays in host memory and the gathered rows are copied over (1 GiB less at 8B).
+* **Fused elementwise ops** (CUDA only). RMSNorm, RoPE and the SiLU gate run eagerly as
+  chains of small kernels, RMSNorm in fp32 with copies in and out; ``torch.compile`` of
+  the same formulas makes each one kernel forward and one backward.
+* **Fused LoRA epilogue.** PEFT's 4-bit LoRA layer clones the base output, scales the
+  LoRA output and adds it: three passes over the largest activations of the layer.
+  ``fuse_lora`` computes ``base + scaling * (dropout(x) A^T) B^T`` as one ``addmm``.
+
+The loss itself needs nothing here: TRL's ``SFTTrainer`` already computes it with a
+chunked LM head (``add_fused_lm_head``) that never materialises the full logits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import types
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATION = "fastpath_varlen"
+
+
+@dataclass
+class FastPathConfig:
+    """Which speed-ups ``prepare_model`` and ``fuse_lora`` apply."""
+
+    varlen_attention: bool = field(
+        default=True, metadata={"help": "Packed rows attend within each example only."}
+    )
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute each decoder layer in the backward."}
+    )
+    offload_checkpoints: bool = field(
+        default=True, metadata={"help": "Keep the checkpointed layer inputs in host memory."}
+    )
+    fused_lora: bool = field(
+        default=True, metadata={"help": "Add the LoRA term with one addmm (no clone/scale/add)."}
+    )
+    host_embeddings: bool = field(
+        default=True,
+        metadata={"help": "Keep the frozen input-embedding table in host memory (-1 GiB at 8B)."},
+    )
+    compile_elementwise: bool = field(
+        default=True,
+        metadata={"help": "On CUDA, fuse RMSNorm, RoPE and SiLU*up with torch.compile."},
+    )
+
+    def sft_args(self) -> dict[str, Any]:
+        """``SFTConfig`` arguments this configuration needs (the recipe merges them in)."""
+        args: dict[str, Any] = {}
+        if self.varlen_attention:
+            args.update(packing=True, packing_strategy="bfd", padding_free=True)
+        # Checkpointing is installed by ``prepare_model``; the Trainer must not replace it.
+        args["gradient_checkpointing"] = False
+        return args
+
+
+# ---------------------------------------------------------------- variable-length attention
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Example boundaries of packed rows: a new example starts where positions don't step by 1.
+
+    Rows are concatenated, and each row starts a new example. Returns the int32 cumulative
+    lengths (``[0, len0, len0+len1, ..., total]``) and the longest example's length.
+    """
+    pos = position_ids.reshape(position_ids.shape[0], -1)
+    first = pos[:, :1] - 1
+    starts = torch.diff(pos, prepend=first, dim=-1) != 1
+    starts[:, 0] = True
+    idx = torch.nonzero(starts.reshape(-1), as_tuple=False).reshape(-1)
+    total = torch.tensor([pos.numel()], device=idx.device, dtype=idx.dtype)
+    cu = torch.cat([idx, total]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max().item())
+    return cu, max_len
+
+
+class _FlashVarlen(torch.autograd.Function):
+    """FlashAttention-2 varlen through ATen's own kernels (GQA native, causal per example)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len, scale):  # type: ignore[override]
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu, seed, offset)
+        ctx.max_len, ctx.scale = max_len, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu,
+            cu,
+            ctx.max_len,
+            ctx.max_len,
+            0.0,
+            True,
+            seed,
+            offset,
+            scale=ctx.scale,
+        )
+        return dq, dk, dv, None, None, None
+
+
+def _per_example_sdpa(q, k, v, cu, scale):
+    """The same function on any device: one causal SDPA call per example."""
+    bounds = cu.tolist()
+    outs = [
+        F.scaled_dot_product_attention(
+            q[:, a:b].unsqueeze(0),
+            k[:, a:b].unsqueeze(0),
+            v[:, a:b].unsqueeze(0),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        ).squeeze(0)
+        for a, b in itertools.pairwise(bounds)
+    ]
+    return torch.cat(outs, dim=1)  # (heads, total, head_dim)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention: (batch, heads, seq, dim) in, (batch, seq, heads, dim) out.
+
+    Packed rows go through variable-length attention; anything else through causal SDPA.
+    """
+    b, h, s, d = query.shape
+    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None and attention_mask is None and kwargs.get("position_ids") is not None:
+        cu, max_len = cu_seqlens_from_position_ids(kwargs["position_ids"].expand(b, -1))
+    if cu is None or dropout:
+        return _padded_attention(query, key, value, attention_mask, dropout, scaling)
+    assert max_len is not None
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
+        out = _FlashVarlen.apply(q, k, v, cu.to(torch.int32), int(max_len), scaling)
+        return out.view(b, s, h, d), None
+    q, k, v = (t.transpose(0, 1).reshape(t.shape[1], b * s, d) for t in (query, key, value))
+    out = _per_example_sdpa(q, k, v, cu, scaling)
+    return out.transpose(0, 1).reshape(b, s, h, d), None
+
+
+def _padded_attention(q, k, v, attention_mask, dropout, scale):
+    """Unpacked batches (evaluation, generation): causal SDPA with the 2-D padding mask."""
+    s = q.shape[2]
+    mask = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        mask = causal & attention_mask[:, None, None, -s:].bool()
+        mask |= torch.eye(s, dtype=torch.bool, device=q.device)  # no all-masked rows (left padding)
+    out = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        dropout_p=dropout,
+        is_causal=mask is None and s > 1,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> str:
+    """Make ``"fastpath_varlen"`` a transformers attention implementation; return its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, varlen_attention_forward)
+    # Like FlashAttention: no 4-D mask, only the 2-D padding mask when there is padding.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, flash_attention_mask)
+    return ATTN_IMPLEMENTATION
+
+
+def _add_varlen_kwargs(module, args, kwargs):
+    """Backbone pre-hook: compute ``cu_seqlens`` once per forward, not once per layer."""
+    pos = kwargs.get("position_ids")
+    if (
+        pos is None
+        or kwargs.get("attention_mask") is not None
+        or kwargs.get("cu_seq_lens_q") is not None
+        or kwargs.get("past_key_values") is not None
+        or module.config._attn_implementation != ATTN_IMPLEMENTATION
+    ):
+        return None
+    first = kwargs.get("input_ids")
+    if first is None:
+        first = kwargs.get("inputs_embeds")
+    if first is not None:
+        pos = pos.expand(first.shape[0], -1)  # positions may come unsqueezed, not expanded
+    cu, max_len = cu_seqlens_from_position_ids(pos)
+    kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
+    return args, kwargs
+
+
+# ---------------------------------------------------------------- offloaded checkpoints
+
+
+class _Parked:
+    """One layer input in host memory, and its copy back once prefetched."""
+
+    def __init__(self, x: torch.Tensor, prev: _Parked | None) -> None:
+        self.device, self.prev = x.device, (weakref.ref(prev) if prev is not None else None)
+        self.gpu: torch.Tensor | None = None
+        self.event: torch.cuda.Event | None = None
+        self.done = False
+        self.host: torch.Tensor | None = None
+        if x.is_cuda:
+            stream = _copy_stream(x.device)
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(stream):
+                self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                self.host.copy_(x, non_blocking=True)
+            x.record_stream(stream)  # keep x's memory until the copy has read it
+        else:
+            self.host = x.detach()  # nothing to offload to: keep it as it is
+
+    def prefetch(self) -> None:
+        if self.done or self.gpu is not None or self.host is None or self.device.type != "cuda":
+            return
+        stream = _copy_stream(self.device)
+        with torch.cuda.stream(stream):
+            self.gpu = self.host.to(self.device, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(stream)
+
+    def take(self) -> torch.Tensor:
+        if self.device.type != "cuda":
+            assert self.host is not None
+            self.done = True
+            return self.host
+        self.prefetch()
+        assert self.gpu is not None and self.event is not None
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(self.event)
+        self.gpu.record_stream(current)
+        x, self.gpu, self.done, self.host = self.gpu, None, True, None
+        prev = self.prev() if self.prev is not None else None
+        if prev is not None:
+            prev.prefetch()  # the backward runs layers in reverse: the one before is next
+        return x
+
+
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_LAST: dict[str, Any] = {"parked": None}
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """Run a layer without keeping its graph; park its input; recompute it in the backward."""
+
+    @staticmethod
+    def forward(ctx, run, x):  # type: ignore[override]
+        dev = x.device.type
+        ctx.run = run
+        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.rng_cpu = torch.get_rng_state()
+        ctx.rng_dev = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.parked = _Parked(x, _LAST["parked"])
+        _LAST["parked"] = ctx.parked
+        return run(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x = ctx.parked.take().detach().requires_grad_(True)
+        ctx.parked = None
+        dev = x.device
+        devices = [dev.index] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=dev.type):
+            torch.set_rng_state(ctx.rng_cpu)
+            if ctx.rng_dev is not None:
+                torch.cuda.set_rng_state(ctx.rng_dev, dev)
+            enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(dev.type, dtype=dtype, enabled=enabled):
+                out = ctx.run(x)
+        torch.autograd.backward(out, grad)
+        return None, x.grad
+
+
+def offloaded_checkpoint(run, hidden_states, *args, **kwargs):
+    """A ``_gradient_checkpointing_func`` for transformers' ``GradientCheckpointingLayer``."""
+    if args or kwargs or not torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(
+            run, hidden_states, *args, use_reentrant=False, **kwargs
+        )
+    return _OffloadedCheckpoint.apply(run, hidden_states)
+
+
+def _install_checkpointing(model, offload: bool) -> None:
+    func = offloaded_checkpoint if offload else _non_reentrant_checkpoint
+    original = model.gradient_checkpointing_enable
+
+    def gradient_checkpointing_enable(gradient_checkpointing_kwargs=None, **_: Any) -> None:
+        # Whoever enables checkpointing later (a Trainer) gets this function, not the default.
+        original(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for module in model.modules():
+            if hasattr(module, "_gradient_checkpointing_func"):
+                module._gradient_checkpointing_func = func
+        if offload:
+            model.enable_input_require_grads()  # the parked input is what carries the gradient
+
+    model.gradient_checkpointing_enable = gradient_checkpointing_enable
+    gradient_checkpointing_enable()
+
+
+def _non_reentrant_checkpoint(run, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+# ---------------------------------------------------------------- model preparation
+
+
+def prepare_model(model, cfg: FastPathConfig | None = None):
+    """Use instead of ``prepare_model_for_kbit_training``, before ``get_peft_model``.
+
+    Freezes the base, keeps every unquantised weight in its loaded dtype (bf16), installs
+    checkpointing and the varlen attention. Returns the same model.
+    """
+    cfg = cfg or FastPathConfig()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if cfg.host_embeddings:
+        _host_embeddings(model)
+    if cfg.compile_elementwise and next(model.parameters()).is_cuda:
+        compile_elementwise(model)
+    if cfg.varlen_attention:
+        name = register_attention()
+        try:
+            model.set_attn_implementation(name)
+        except (ValueError, AttributeError):
+            model.config._attn_implementation = name
+        model.get_decoder().register_forward_pre_hook(_add_varlen_kwargs, with_kwargs=True)
+    if cfg.gradient_checkpointing:
+        _install_checkpointing(model, cfg.offload_checkpoints)
+    model.config.use_cache = False
+    return model
+
+
+def fuse_lora(peft_model, cfg: FastPathConfig | None = None):
+    """After ``get_peft_model``: give each plain LoRA layer the one-``addmm`` forward."""
+    cfg = cfg or FastPathConfig()
+    if not cfg.fused_lora:
+        return peft_model
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "lora_A"):
+            layer: Any = module
+            layer._fastpath_forward = layer.forward
+            layer.forward = types.MethodType(_fused_lora_forward, layer)
+    return peft_model
+
+
+def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if (
+        args
+        or kwargs
+        or self.disable_adapters
+        or self.merged
+        or len(active) != 1
+        or active[0] in getattr(self, "lora_variant", {})
+        or getattr(self.lora_B[active[0]], "bias", None) is not None
+    ):
+        return self._fastpath_forward(x, *args, **kwargs)
+    name = active[0]
+    lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+    result = self.base_layer(x)
+    out_dtype = result.dtype
+    if not torch.is_autocast_enabled(x.device.type):
+        x = x.to(lora_A.weight.dtype)
+        result = result.to(lora_A.weight.dtype)
+    low = lora_A(self.lora_dropout[name](x))
+    fused = torch.addmm(
+        result.reshape(-1, result.shape[-1]),
+        low.reshape(-1, low.shape[-1]),
+        lora_B.weight.t(),
+        alpha=self.scaling[name],
+    )
+    return fused.view(result.shape).to(out_dtype)
+
+
+# ---------------------------------------------------------------- host embeddings
+
+
+class HostEmbedding(torch.nn.Module):
+    """A frozen embedding table in host memory: rows are gathered there, then copied over.
+
+    The table is a plain tensor, not a parameter, so ``model.device`` stays the GPU.
+    """
+
+    def __init__(self, embedding: torch.nn.Embedding) -> None:
+        super().__init__()
+        self.device = embedding.weight.device
+        self.table = embedding.weight.detach().to("cpu")
+        self.padding_idx = embedding.padding_idx
+        self.num_embeddings, self.embedding_dim = self.table.shape
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(input_ids.cpu(), self.table, self.padding_idx)
+        return rows.to(self.device)
+
+
+def _host_embeddings(model) -> None:
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    if isinstance(emb, torch.nn.Embedding) and emb.weight.is_cuda and not tied:
+        model.set_input_embeddings(HostEmbedding(emb))
+        del emb
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- fused elementwise (CUDA)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LlamaRMSNorm.forward`` as a function of tensors, for one compiled graph."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return _COMPILED["rms"](x, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(_COMPILED["silu_mul"](self.gate_proj(x), self.up_proj(x)))
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def compile_elementwise(model) -> None:
+    """Give RMSNorm and SiLU-gated MLP modules, and the model's RoPE, compiled kernels.
+
+    The formulas are transformers' own (Llama, Mistral, Qwen2 share them); dynamic shapes,
+    so packed batches of any length reuse one graph. The originals stay reachable as
+    ``_fastpath_eager_forward`` and ``_fastpath_eager_rope``.
+    """
+    if not _COMPILED:
+        _COMPILED["rms"] = torch.compile(_rms_norm, dynamic=True)
+        _COMPILED["silu_mul"] = torch.compile(_silu_mul, dynamic=True)
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module._fastpath_eager_forward = module.forward
+            module.forward = types.MethodType(_norm_forward, module)
+        elif (
+            all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj"))
+            and getattr(getattr(module, "config", None), "hidden_act", None) == "silu"
+        ):
+            module._fastpath_eager_forward = module.forward
+            module.forward = types.MethodType(_mlp_forward, module)
+    modeling: Any = sys.modules[type(model).__module__]
+    rope = getattr(modeling, "apply_rotary_pos_emb", None)
+    if rope is not None and not hasattr(modeling, "_fastpath_eager_rope"):
+        modeling._fastpath_eager_rope = rope
+        modeling._fastpath_compiled_rope = torch.compile(rope, dynamic=True)
+        modeling.apply_rotary_pos_emb = modeling._fastpath_compiled_rope
