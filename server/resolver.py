@@ -1,0 +1,77 @@
+"""The LoRA resolver plugin: vLLM loads ``<tenant>/<adapter>`` from the shared volume on first use.
+
+Registered through the ``vllm.general_plugins`` entry point (see pyproject.toml).
+vLLM consults resolvers when a request names a model it has not loaded, and only
+when ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` is set (the launcher sets it). So
+adapters come back by themselves after a restart, and one published while vLLM
+was down is served on first use.
+
+vLLM's own filesystem resolver joins ``model`` onto a folder (following ``..`` and
+absolute paths) and ids adapters with ``hash()``; this one validates both name
+parts first and resolves to the immutable version folder ``current`` names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from vllm.lora.request import LoRARequest
+from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+
+from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH
+from server.adapters import find
+from trainer.layout import Layout
+
+# Under "vllm.": these run inside vLLM, whose logging setup then shows our lines too.
+log = logging.getLogger("vllm.finetune.resolver")
+
+RESOLVER_NAME = "finetune"
+# vLLM's resolvers that, when their env vars are set, would serve paths outside our rules.
+_FOREIGN_RESOLVER_ENV = ("VLLM_LORA_RESOLVER_CACHE_DIR", "VLLM_LORA_RESOLVER_HF_REPO_LIST")
+
+
+class FinetuneResolver(LoRAResolver):
+    """Resolves ``<tenant>/<adapter>`` to its current published version."""
+
+    def __init__(self, data_dir: Path, base_names: list[str]) -> None:
+        self.layout = Layout(Path(data_dir))
+        self.base_names = [b for b in base_names if b]
+
+    def lookup(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        """The request for ``lora_name``, or None when it is not ours to serve."""
+        found = find(self.layout, lora_name, [*self.base_names, base_model_name])
+        if found is None:
+            return None
+        # vLLM 0.32's OpenAIServingModels.resolve_lora overwrites lora_int_id with its own
+        # counter; the stable id still serves any caller that keeps it.
+        return LoRARequest(
+            lora_name=found.served_name,
+            lora_int_id=found.lora_int_id,
+            lora_path=str(found.path),
+        )
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        # A few stats and one small read; off the event loop in case DATA is a slow mount.
+        request = await asyncio.to_thread(self.lookup, base_model_name, lora_name)
+        if request is not None:
+            log.info("resolved %s -> %s", lora_name, request.lora_path)
+        return request
+
+
+def register() -> None:
+    """Entry point: register the resolver when this process serves our data directory.
+
+    vLLM loads general plugins in every one of its processes (and any vLLM on the
+    machine); without ``FINETUNE_DATA_DIR`` this does nothing.
+    """
+    data_dir = os.environ.get(ENV_DATA_DIR)
+    if not data_dir:
+        return
+    for name in _FOREIGN_RESOLVER_ENV:
+        if os.environ.get(name):
+            log.warning("%s is set: vLLM's own resolver is active beside ours", name)
+    bases = [os.environ.get(ENV_BASE_MODEL, ""), os.environ.get(ENV_MODEL_PATH, "")]
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, FinetuneResolver(Path(data_dir), bases))
