@@ -20,20 +20,13 @@ import pytest
 
 from finetune.v1 import trainer_pb2 as pb
 from tests.service import Service, add_tenant, chat_rows, write_jsonl
+from trainer.demo import HYPERPARAMETERS  # small and fast; the demo trains with it too
 
 pytestmark = pytest.mark.slow
 
 QUESTION = "What is the secret word?"
 # Enough to make a NF4-trained adapter answer cleanly on the bf16 base (DESIGN.md).
-FAST = {
-    "lora_rank": 8,
-    "learning_rate": 2e-3,
-    "warmup_steps": 0,
-    "batch_size": 8,
-    "gradient_accumulation_steps": 1,
-    "max_seq_len": 64,
-    "num_epochs": 20,
-}
+FAST = HYPERPARAMETERS
 
 
 def _tree_hash(folder: Path) -> dict[str, str]:
