@@ -193,8 +193,8 @@ def test_fair_across_tenants(world, tmp_path):
     svc, keys, _ = world
     quick = {**FAST, "num_epochs": 1}
     with svc.client(keys["acme"]) as a, svc.client(keys["bolt"]) as b:
-        ds_a = _upload(a, tmp_path, "fair-a", "x", n=8)
-        ds_b = _upload(b, tmp_path, "fair-b", "y", n=8)
+        ds_a = _upload(a, tmp_path, "fair-a", "x", n=10)
+        ds_b = _upload(b, tmp_path, "fair-b", "y", n=10)
         a1 = a.create_job("tiny", ds_a.id, "fair1", **quick)
         a2 = a.create_job("tiny", ds_a.id, "fair2", **quick)
         b1 = b.create_job("tiny", ds_b.id, "fair1", **quick)

@@ -107,8 +107,14 @@ def test_event_stream(trained):
     kinds = [e["event"] for e in events]
     states = [e["state"] for e in events if e["event"] == "state"]
     assert states == ["VALIDATING", "RUNNING"]
-    assert kinds[:2] == ["state", "state"] and kinds[-1] == "done"
+    assert kinds[:3] == ["state", "report", "state"] and kinds[-1] == "done"
     assert "error" not in kinds
+
+    # The report said beforehand what the job then did.
+    report = events[1]["report"]
+    assert report["ok"] and report["format"] == "messages" and report["examples"] == 64
+    assert report["total_steps"] == 48 and report["findings"] == []
+    assert report["train_tokens"] == 3 * 64 * report["tokens_mean"]
 
     progress = [e for e in events if e["event"] == "progress"]
     assert [p["step"] for p in progress] == list(range(1, 49))  # 3 epochs x 16 steps
@@ -125,7 +131,7 @@ def test_event_stream(trained):
     metrics = events[-1]["metrics"]
     assert metrics["steps"] == 48 and metrics["seed"] == 0
     assert metrics["train_loss"] < 1.0
-    assert metrics["tokens_trained"] > 48 * 4 * 10
+    assert metrics["tokens_trained"] == report["train_tokens"]
     assert metrics["runtime_s"] > 0 and metrics["resumed_from_step"] is None
 
 
@@ -210,63 +216,6 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, wri
     assert steps == list(range(resumed + 1, 49))  # continues, not from step 1
     assert events[-1]["metrics"]["steps"] == 48
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-
-
-GOOD = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'
-
-
-@pytest.mark.parametrize(
-    ("line", "why"),
-    [
-        ("{not json", "not valid JSON"),
-        ("[1, 2]", "expected a JSON object"),
-        ('{"input": "x", "output": "y"}', "expected exactly one of"),
-        ('{"messages": [], "text": "x"}', "expected exactly one of"),
-        ('{"messages": "hello"}', "non-empty list"),
-        ('{"messages": [{"role": "robot", "content": "x"}]}', "needs a role"),
-        ('{"messages": [{"role": "user", "content": 3}]}', "string content"),
-        ('{"messages": [{"role": "user", "content": "only a question"}]}', "no assistant"),
-        ('{"prompt": "q", "completion": ""}', "non-empty string"),
-        ('{"text": "a row of another format"}', "one format"),
-    ],
-)
-def test_dataset_rows_are_checked_with_their_line_number(tmp_path, tiny_model_dir, line, why):
-    from transformers import AutoTokenizer
-
-    from trainer.recipe import UserError, load_rows
-
-    path = tmp_path / "data.jsonl"
-    path.write_text(f"{GOOD}\n\n{GOOD}\n{line}\n{GOOD}\n")  # the bad row is line 4
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    with pytest.raises(UserError, match=why) as info:
-        load_rows(path, tokenizer, max_len=128)
-    assert info.value.line == 4 and "line 4" in str(info.value)
-
-
-def test_rows_with_nothing_to_train_within_max_seq_len_are_refused(tmp_path, tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    from trainer.recipe import UserError, load_rows
-
-    long_question = "tell me a story " * 40
-    path = tmp_path / "data.jsonl"
-    path.write_text(
-        json.dumps(
-            {
-                "messages": [
-                    {"role": "user", "content": long_question},
-                    {"role": "assistant", "content": "no"},
-                ]
-            }
-        )
-        + "\n"
-    )
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    with pytest.raises(UserError, match="nothing to train on") as info:
-        load_rows(path, tokenizer, max_len=64)
-    assert info.value.line == 1
-    fmt, rows = load_rows(path, tokenizer, max_len=1024)
-    assert fmt == "messages" and len(rows) == 1
 
 
 def test_out_of_memory_is_reported_with_advice():

@@ -83,6 +83,9 @@ def test_every_rpc_requires_a_valid_key(svc):
             pb.DeleteDatasetRequest(id="x"), metadata=md
         ),
         "CreateJob": lambda md: stub.CreateJob(pb.CreateJobRequest(), metadata=md),
+        "ValidateDataset": lambda md: stub.ValidateDataset(
+            pb.ValidateDatasetRequest(), metadata=md
+        ),
         "GetJob": lambda md: stub.GetJob(pb.GetJobRequest(id="x"), metadata=md),
         "ListJobs": lambda md: stub.ListJobs(pb.ListJobsRequest(), metadata=md),
         "CancelJob": lambda md: stub.CancelJob(pb.CancelJobRequest(id="x"), metadata=md),
@@ -103,13 +106,13 @@ def test_every_rpc_requires_a_valid_key(svc):
 
 
 def test_upload_roundtrip_and_listing(svc, a, tmp_path):
-    f = write_jsonl(tmp_path / "chat.jsonl", chat_rows("hi", "hello", 5))
+    f = write_jsonl(tmp_path / "chat.jsonl", chat_rows("hi", "hello", 10))
     ds = a.upload_dataset(f, "chat")
     import hashlib
 
     assert ds.sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
     assert (ds.num_rows, ds.size_bytes, ds.format) == (
-        5,
+        10,
         f.stat().st_size,
         pb.DATASET_FORMAT_MESSAGES,
     )
@@ -173,7 +176,10 @@ def test_interrupted_upload_keeps_nothing(svc, a, tmp_path):
     [
         (b'{"text": "ok"}\nnot json\n', "line 2: not JSON"),
         (b'{"text": "ok"}\n[1, 2]\n', "line 2: not a JSON object"),
-        (b'{"text": "ok"}\n{"prompt": "p", "completion": "c"}\n', "line 2: format"),
+        (
+            b'{"text": "ok"}\n{"prompt": "p", "completion": "c"}\n',
+            "line 2: a prompt_completion example in a text file",
+        ),
         (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: no assistant"),
         (b'{"messages": [{"role": "robot", "content": "hi"}]}\n', "line 1: messages[0].role"),
         (b'{"text": "\xff\xfe"}\n', "line 1: not UTF-8"),
@@ -209,7 +215,7 @@ def test_upload_must_start_with_a_header(svc, a):
 
 
 def test_tenants_are_isolated(svc, a, b, tmp_path):
-    f = write_jsonl(tmp_path / "secret.jsonl", chat_rows("secret?", "acme's", 3))
+    f = write_jsonl(tmp_path / "secret.jsonl", chat_rows("secret?", "acme's", 10))
     ds = a.upload_dataset(f, "secret")
     missing = "ds-0123456789abcdef"
     for call in (lambda i: b.get_dataset(i), lambda i: b.delete_dataset(i)):
@@ -249,7 +255,7 @@ def test_tenants_are_isolated(svc, a, b, tmp_path):
 )
 def test_create_job_bad_input(svc, a, tmp_path, kwargs, code, field):
     name = f"hp{abs(hash(json.dumps(kwargs, sort_keys=True))) % 10**8}"
-    ds = a.upload_dataset(write_jsonl(tmp_path / "d.jsonl", chat_rows("q", "a", 2)), name)
+    ds = a.upload_dataset(write_jsonl(tmp_path / "d.jsonl", chat_rows("q", "a", 10)), name)
     args = {"base_model": "tiny", "dataset_id": ds.id, "adapter_name": "ok"}
     hp = {k: v for k, v in kwargs.items() if k not in args}
     args.update({k: v for k, v in kwargs.items() if k in args})

@@ -58,6 +58,13 @@ class JobConfig:
     checkpoint_every_steps: int = field(
         default=0, metadata={"help": "Checkpoint every N optimizer steps; 0 = each epoch."}
     )
+    eval_every_steps: int = field(
+        default=0,
+        metadata={
+            "help": "With an eval set: evaluate (and checkpoint) every N optimizer steps; "
+            "0 = each epoch. The checkpoint with the lowest eval loss is published."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.lora_alpha is None:
@@ -97,6 +104,8 @@ class JobConfig:
             raise bad("seed", "must be in [0, 2^32)")
         if not (0 <= self.checkpoint_every_steps <= 1_000_000):
             raise bad("checkpoint_every_steps", "must be in [0, 1000000]")
+        if not (0 <= self.eval_every_steps <= 1_000_000):
+            raise bad("eval_every_steps", "must be in [0, 1000000]")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,6 +121,35 @@ class JobConfig:
         return cls(**d)
 
 
+MAX_EVAL_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """Where a job's eval set comes from: another dataset, a carved-out share, or nowhere."""
+
+    validation_dataset_id: str = field(
+        default="", metadata={"help": "An uploaded dataset of the same format."}
+    )
+    fraction: float = field(
+        default=0.0,
+        metadata={"help": "Share of the training examples held out, chosen by the seed."},
+    )
+
+    def validate(self) -> EvalSplit:
+        if self.validation_dataset_id and self.fraction:
+            raise InvalidArgument(
+                "eval_fraction", "give a validation_dataset_id or an eval_fraction, not both"
+            )
+        if self.fraction and not (
+            math.isfinite(self.fraction) and 0 < self.fraction <= MAX_EVAL_FRACTION
+        ):
+            raise InvalidArgument(
+                "eval_fraction", f"{self.fraction} is not in (0, {MAX_EVAL_FRACTION}]"
+            )
+        return self
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What the scheduler hands a training subprocess (written as ``spec.json``)."""
@@ -123,6 +161,10 @@ class JobSpec:
     output_dir: str = field(metadata={"help": "Where the finished adapter is saved."})
     checkpoint_dir: str = field(metadata={"help": "Where checkpoints go; resumed from if any."})
     config: JobConfig = field(default_factory=JobConfig)
+    dataset_format: str = field(default="", metadata={"help": "As the upload detected it."})
+    dataset_examples: int = field(default=0, metadata={"help": "Examples in the dataset."})
+    eval_dataset_path: str = field(default="", metadata={"help": "A separate eval set, if any."})
+    eval_fraction: float = field(default=0.0, metadata={"help": "Share held out for eval."})
     fast_path: bool = field(
         default=True, metadata={"help": "On a GPU, train through trainer.fastpath."}
     )
@@ -170,6 +212,9 @@ class ServiceConfig:
     gpu_memory_budget: float | None = field(
         default=None,
         metadata={"help": "Share of the GPU's memory a job may use; None = no check."},
+    )
+    min_examples: int = field(
+        default=10, metadata={"help": "Fewest examples an uploaded dataset may hold."}
     )
 
     def __post_init__(self) -> None:

@@ -7,15 +7,18 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from finetune.v1 import trainer_pb2 as pb
-from trainer.config import JobConfig
+from trainer.config import EvalSplit, JobConfig
 from trainer.names import served_name
+from trainer.report import Report
 from trainer.store import AdapterRecord, DatasetRecord, ErrorKind, EventRecord, JobRecord, JobState
 
 _FORMATS = {
     "messages": pb.DATASET_FORMAT_MESSAGES,
     "prompt_completion": pb.DATASET_FORMAT_PROMPT_COMPLETION,
     "text": pb.DATASET_FORMAT_TEXT,
+    "alpaca": pb.DATASET_FORMAT_ALPACA,
 }
+_SEVERITIES = {"error": pb.Finding.SEVERITY_ERROR, "warning": pb.Finding.SEVERITY_WARNING}
 _STATES = {s: getattr(pb, f"JOB_STATE_{s.value}") for s in JobState}
 _KINDS = {
     ErrorKind.NONE: pb.ERROR_KIND_UNSPECIFIED,
@@ -35,6 +38,7 @@ _HP_FIELDS = (
     "num_epochs",
     "seed",
     "checkpoint_every_steps",
+    "eval_every_steps",
 )
 
 
@@ -72,6 +76,43 @@ def dataset(rec: DatasetRecord) -> pb.Dataset:
         num_rows=rec.num_rows,
         format=_FORMATS.get(rec.format, pb.DATASET_FORMAT_UNSPECIFIED),
         created_at=_ts(rec.created_at),
+        file_type=rec.file_type,
+    )
+
+
+def eval_split(validation_dataset_id: str, fraction: float | None) -> EvalSplit:
+    return EvalSplit(validation_dataset_id=validation_dataset_id, fraction=fraction or 0.0)
+
+
+def dataset_report(d: dict[str, Any] | None) -> pb.DatasetReport | None:
+    if not d:
+        return None
+    r = Report.from_dict(d)
+    return pb.DatasetReport(
+        format=_FORMATS.get(r.format, pb.DATASET_FORMAT_UNSPECIFIED),
+        examples=r.examples,
+        eval_examples=r.eval_examples,
+        tokens=pb.TokenStats(min=r.tokens_min, mean=r.tokens_mean, max=r.tokens_max),
+        truncated_examples=r.truncated_examples,
+        truncated_tokens=r.truncated_tokens,
+        loss_token_share=r.loss_token_share,
+        all_masked_examples=r.all_masked_examples,
+        examples_without_eos=r.examples_without_eos,
+        examples_with_special_tokens=r.examples_with_special_tokens,
+        total_steps=r.total_steps,
+        train_tokens=r.train_tokens,
+        loss_tokens=r.loss_tokens,
+        findings=[
+            pb.Finding(
+                severity=_SEVERITIES[f.severity],
+                code=f.code,
+                message=f.message,
+                count=f.count,
+                lines=f.lines,
+            )
+            for f in r.findings
+        ],
+        ok=r.ok,
     )
 
 
@@ -99,6 +140,9 @@ def job(rec: JobRecord) -> pb.Job:
         created_at=_ts(rec.created_at),
         started_at=_ts(rec.started_at),
         finished_at=_ts(rec.finished_at),
+        validation_dataset_id=rec.validation_dataset_id,
+        eval_fraction=rec.eval_fraction,
+        dataset_report=dataset_report(rec.report),
     )
 
 

@@ -1,9 +1,10 @@
-"""Dataset ingest: a streamed upload becomes a content-addressed, checked JSONL file.
+"""Dataset ingest: a streamed upload becomes a content-addressed, checked dataset file.
 
 Bytes are written to a temporary file under ``DATA/tmp`` while they are hashed
 and counted; past the size limit, on a cut-off stream, or on a file that fails
-the structural check, the temporary file is removed and nothing is recorded.
-Only a complete, valid upload is renamed to ``DATA/datasets/<sha256>``.
+the structural check (``trainer.examples.scan``: every line, JSONL or Parquet),
+the temporary file is removed and nothing is recorded. Only a complete, valid
+upload is renamed to ``DATA/datasets/<sha256>``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
 from trainer.errors import (
     AlreadyExists,
@@ -25,109 +23,22 @@ from trainer.errors import (
     NotFound,
     ResourceExhausted,
 )
+from trainer.examples import MIN_EXAMPLES, scan
 from trainer.layout import Layout, fsync_dir
 from trainer.names import check_name
 from trainer.store import DatasetRecord, Store, new_id
-
-MAX_ERRORS_LISTED = 10
-MAX_LINE_BYTES = 4 << 20
-ROLES = ("system", "user", "assistant")
-FORMATS = {
-    "messages": frozenset({"messages"}),
-    "prompt_completion": frozenset({"prompt", "completion"}),
-    "text": frozenset({"text"}),
-}
-
-
-def _row_problem(obj: Any, fmt: str) -> str | None:
-    """What is wrong with one parsed example of format ``fmt``, or None."""
-    if fmt == "text":
-        return (
-            None
-            if isinstance(obj["text"], str) and obj["text"]
-            else "'text' must be a non-empty string"
-        )
-    if fmt == "prompt_completion":
-        for k in ("prompt", "completion"):
-            if not isinstance(obj[k], str) or not obj[k]:
-                return f"'{k}' must be a non-empty string"
-        return None
-    msgs = obj["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        return "'messages' must be a non-empty list"
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            return f"messages[{i}] must be an object"
-        if m.get("role") not in ROLES:
-            return f"messages[{i}].role must be one of {', '.join(ROLES)}"
-        if not isinstance(m.get("content"), str) or not m["content"]:
-            return f"messages[{i}].content must be a non-empty string"
-    if not any(m["role"] == "assistant" for m in msgs):
-        return "no assistant message: nothing to learn from"
-    return None
-
-
-def check_jsonl(path: Path) -> tuple[str, int]:
-    """Detect the format of a JSONL dataset and check every line; return (format, rows).
-
-    Raises ``InvalidArgument`` listing the first problems with their line numbers
-    and the total count of bad lines.
-    """
-    fmt: str | None = None
-    rows = 0
-    errors: list[str] = []
-    total_bad = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            problem: str | None = None
-            if len(raw) > MAX_LINE_BYTES:
-                problem = f"line is {len(raw)} bytes; at most {MAX_LINE_BYTES}"
-            elif not raw.strip():
-                continue
-            else:
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    problem = f"not UTF-8 (byte {e.start})"
-                except json.JSONDecodeError as e:
-                    problem = f"not JSON ({e.msg} at column {e.colno})"
-                else:
-                    if not isinstance(obj, dict):
-                        problem = "not a JSON object"
-                    else:
-                        keys = frozenset(obj)
-                        found = next((n for n, k in FORMATS.items() if keys == k), None)
-                        if found is None:
-                            problem = (
-                                f"keys {sorted(keys)} match no format: expected "
-                                "{'messages'}, {'prompt', 'completion'} or {'text'}"
-                            )
-                        elif fmt is not None and found != fmt:
-                            problem = f"format {found!r} differs from the file's {fmt!r}"
-                        else:
-                            fmt = found
-                            problem = _row_problem(obj, found)
-            if problem:
-                total_bad += 1
-                if len(errors) < MAX_ERRORS_LISTED:
-                    errors.append(f"line {lineno}: {problem}")
-            else:
-                rows += 1
-    if total_bad:
-        more = f" (and {total_bad - len(errors)} more)" if total_bad > len(errors) else ""
-        raise InvalidArgument("dataset", f"{total_bad} bad line(s): " + "; ".join(errors) + more)
-    if rows == 0 or fmt is None:
-        raise InvalidArgument("dataset", "the file holds no examples")
-    return fmt, rows
 
 
 class DatasetIngest:
     """Receives uploads and manages the tenant's dataset records and files."""
 
-    def __init__(self, store: Store, layout: Layout, max_bytes: int) -> None:
+    def __init__(
+        self, store: Store, layout: Layout, max_bytes: int, min_examples: int = MIN_EXAMPLES
+    ) -> None:
         self.store = store
         self.layout = layout
         self.max_bytes = max_bytes
+        self.min_examples = min_examples
 
     async def upload(
         self,
@@ -166,7 +77,7 @@ class DatasetIngest:
                 )
             if sha256 is not None and sha256.lower() != hexdigest:
                 raise InvalidArgument("header.sha256", f"announced {sha256}, received {hexdigest}")
-            fmt, rows = await asyncio.to_thread(check_jsonl, tmp)
+            found = await asyncio.to_thread(scan, tmp, self.min_examples)
             final = self.layout.dataset_file(hexdigest)
             os.replace(tmp, final)  # same content under the same name: replacing is harmless
             fsync_dir(final.parent)
@@ -179,8 +90,9 @@ class DatasetIngest:
             name=name,
             sha256=hexdigest,
             size_bytes=size,
-            num_rows=rows,
-            format=fmt,
+            num_rows=found.examples,
+            format=found.format,
+            file_type=found.file_type,
             created_at=time.time(),
         )
         try:
@@ -201,7 +113,7 @@ class DatasetIngest:
         busy = [
             j.id
             for j in self.store.list_jobs(tenant)
-            if j.dataset_id == dataset_id and not j.state.terminal
+            if dataset_id in (j.dataset_id, j.validation_dataset_id) and not j.state.terminal
         ]
         if busy:
             raise FailedPrecondition(

@@ -1,16 +1,21 @@
-"""Jobs as tenants see them: create, read, cancel and follow."""
+"""Jobs as tenants see them: create, read, cancel and follow; validate a dataset for one."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import sys
 from collections.abc import AsyncIterator
 
-from trainer.config import JobConfig
+from trainer.config import EvalSplit, JobConfig
 from trainer.errors import AlreadyExists, InvalidArgument, NotFound
+from trainer.layout import write_atomic
 from trainer.memory import MemoryBudget
 from trainer.names import check_id, check_name, fold
-from trainer.scheduler import EventBus, Scheduler
-from trainer.store import EventRecord, JobRecord, JobState, Store, new_id
+from trainer.report import Report
+from trainer.scheduler import EventBus, Scheduler, job_spec
+from trainer.store import DatasetRecord, EventRecord, JobRecord, JobState, Store, new_id
 
 
 class Jobs:
@@ -31,9 +36,16 @@ class Jobs:
         self.memory = memory
         self._create_lock = asyncio.Lock()
 
-    async def create(
-        self, tenant: str, base_model: str, dataset_id: str, adapter_name: str, cfg: JobConfig
+    def _draft(
+        self,
+        tenant: str,
+        base_model: str,
+        dataset_id: str,
+        adapter_name: str,
+        cfg: JobConfig,
+        split: EvalSplit,
     ) -> JobRecord:
+        """A job record for these arguments, every argument checked; nothing stored."""
         if base_model not in self.base_models:
             raise InvalidArgument(
                 "base_model",
@@ -42,11 +54,48 @@ class Jobs:
         check_name(adapter_name, "adapter_name")
         check_id(dataset_id, "dataset_id")
         cfg.validate(self.max_lora_rank)
+        split.validate()
         if self.memory is not None:
             self.memory.check(self.base_models[base_model], cfg)
+        ds = self._dataset(tenant, dataset_id, "dataset_id")
+        val: DatasetRecord | None = None
+        if split.validation_dataset_id:
+            val = self._dataset(tenant, split.validation_dataset_id, "validation_dataset_id")
+            if val.format != ds.format:
+                raise InvalidArgument(
+                    "validation_dataset_id",
+                    f"its format is {val.format}, the training dataset's is {ds.format}",
+                )
+        return JobRecord(
+            id=new_id("job"),
+            tenant=tenant,
+            base_model=base_model,
+            dataset_id=ds.id,
+            dataset_sha256=ds.sha256,
+            adapter_name=adapter_name,
+            config=cfg.to_dict(),
+            validation_dataset_id=val.id if val else "",
+            validation_sha256=val.sha256 if val else "",
+            eval_fraction=split.fraction,
+        )
+
+    def _dataset(self, tenant: str, dataset_id: str, field: str) -> DatasetRecord:
+        check_id(dataset_id, field)
         ds = self.store.get_dataset(tenant, dataset_id)
         if ds is None:
-            raise NotFound(f"dataset_id: dataset {dataset_id!r} not found")
+            raise NotFound(f"{field}: dataset {dataset_id!r} not found")
+        return ds
+
+    async def create(
+        self,
+        tenant: str,
+        base_model: str,
+        dataset_id: str,
+        adapter_name: str,
+        cfg: JobConfig,
+        split: EvalSplit | None = None,
+    ) -> JobRecord:
+        rec = self._draft(tenant, base_model, dataset_id, adapter_name, cfg, split or EvalSplit())
         async with self._create_lock:  # the duplicate check and the insert are one step
             for j in self.store.list_jobs(tenant):
                 if fold(j.adapter_name) == fold(adapter_name) and not j.state.terminal:
@@ -54,20 +103,58 @@ class Jobs:
                         f"adapter_name: job {j.id} for adapter {j.adapter_name!r} is "
                         f"{j.state.value}; wait for it or cancel it"
                     )
-            rec = JobRecord(
-                id=new_id("job"),
-                tenant=tenant,
-                base_model=base_model,
-                dataset_id=ds.id,
-                dataset_sha256=ds.sha256,
-                adapter_name=adapter_name,
-                config=cfg.to_dict(),
-            )
+            # Served names differ by more than case: 'Secret' beside 'secret' would share a
+            # folder on a case-insensitive volume.
+            for ad in self.store.list_adapters(tenant):
+                if fold(ad.name) == fold(adapter_name) and ad.name != adapter_name:
+                    raise AlreadyExists(
+                        f"adapter_name: adapter {ad.name!r} exists; names must differ "
+                        "by more than case"
+                    )
             self.store.add_job(rec)
         self.store.append_event(rec.id, JobState.QUEUED, "queued")
         await self.bus.notify()
         self.scheduler.wake()
         return rec
+
+    async def validate(
+        self, tenant: str, base_model: str, dataset_id: str, cfg: JobConfig, split: EvalSplit
+    ) -> Report:
+        """The report the job would compute in VALIDATING, from a subprocess; nothing stored.
+
+        Tokenizing a large file is CPU-bound for minutes: a subprocess keeps the event
+        loop and the service's memory free of it, and is killed if the caller goes away.
+        """
+        draft = self._draft(tenant, base_model, dataset_id, "validate", cfg, split)
+        spec = job_spec(self.store, self.scheduler.layout, draft, self.base_models[base_model])
+        spec_file = self.scheduler.layout.tmp / f"validate-{draft.id}.json"
+        write_atomic(spec_file, json.dumps(spec.to_dict()).encode())
+        packing = ["--packing"] if self.scheduler.gpus and spec.fast_path else []
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "trainer.report",
+            str(spec_file),
+            *packing,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            with contextlib.suppress(FileNotFoundError):
+                spec_file.unlink()
+        try:
+            answer = json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            tail = err.decode(errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"validation failed: {' '.join(tail)}") from None
+        if "error" in answer:
+            raise InvalidArgument("dataset", answer["error"].removeprefix("dataset: "))
+        return Report.from_dict(answer["report"])
 
     def get(self, tenant: str, job_id: str) -> JobRecord:
         check_id(job_id, "id")

@@ -1,11 +1,14 @@
 """The QLoRA recipe: one fine-tuning job, read top to bottom.
 
-    setup   load the tokenizer, validate every dataset row against it,
+    setup   load the tokenizer; tokenize every example with it and its chat template
+            (``trainer.report``: labels on assistant turns / completions only) and
+            refuse the job if the report finds an error (no EOS among the labels, ...);
             load the base in 4-bit NF4, prepare it for k-bit training, add LoRA
-    train   TRL's SFTTrainer (loss on assistant turns / completions only),
-            resuming from the newest complete checkpoint in ``spec.checkpoint_dir``
-    save    adapter_config.json + adapter_model.safetensors + tokenizer files
-            into ``spec.output_dir``; return the final metrics
+    train   TRL's SFTTrainer on those pre-tokenized rows, evaluating on the eval set
+            if there is one, resuming from the newest complete checkpoint
+    save    adapter_config.json + adapter_model.safetensors + tokenizer files into
+            ``spec.output_dir`` (the best checkpoint by eval loss, or the last);
+            return the final metrics
 
 The builder functions turn our ``JobConfig`` into library objects (STYLE.md rule 7);
 ``run`` is the only entry point (``trainer.worker`` calls it in a subprocess, which is
@@ -25,15 +28,12 @@ import time
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-import jinja2
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     BitsAndBytesConfig,
-    PreTrainedTokenizerBase,
     TrainerCallback,
     set_seed,
 )
@@ -44,14 +44,7 @@ from trainer.config import JobConfig, JobSpec
 from trainer.errors import InvalidArgument
 from trainer.fastpath import FastPathConfig
 from trainer.memory import GIB, ModelShape, estimate_bytes
-
-ROLES = ("system", "user", "assistant")
-# The three row shapes TRL trains on, named by the keys that identify them.
-FORMATS = {
-    "messages": ("messages",),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-}
+from trainer.report import Tokens, for_spec, load_tokenizer
 
 
 class UserError(Exception):
@@ -95,10 +88,15 @@ def lora_config(cfg: JobConfig) -> LoraConfig:
 
 
 def sft_config(
-    cfg: JobConfig, spec: JobSpec, data_format: str, fast: FastPathConfig | None = None
+    cfg: JobConfig, spec: JobSpec, fast: FastPathConfig | None = None, evaluate: bool = False
 ) -> SFTConfig:
-    """TRL's training arguments for one job; checkpoints go to ``spec.checkpoint_dir``."""
-    every = cfg.checkpoint_every_steps
+    """TRL's training arguments for one job; checkpoints go to ``spec.checkpoint_dir``.
+
+    The rows come tokenized with their labels (``trainer.report``), so TRL's own loss
+    masking options stay off. With an eval set, checkpoints follow the evaluations and
+    the best one by eval loss is loaded at the end.
+    """
+    every = cfg.eval_every_steps if evaluate else cfg.checkpoint_every_steps
     args: dict[str, Any] = dict(
         output_dir=spec.checkpoint_dir,
         per_device_train_batch_size=cfg.batch_size,
@@ -110,9 +108,8 @@ def sft_config(
         optim="paged_adamw_8bit",
         bf16=True,
         max_length=cfg.max_seq_len,
-        # Train on what the model should say, not on what it is told.
-        assistant_only_loss=data_format == "messages",
-        completion_only_loss=data_format == "prompt_completion",
+        assistant_only_loss=False,  # the labels already say which tokens carry loss
+        completion_only_loss=False,
         save_strategy="steps" if every else "epoch",
         save_steps=every or 500,
         # Resuming needs the newest checkpoint only; the one before it covers a kill
@@ -129,6 +126,15 @@ def sft_config(
         use_cpu=not torch.cuda.is_available(),  # bf16 on CPU is refused without it
         dataloader_pin_memory=torch.cuda.is_available(),
     )
+    if evaluate:
+        args.update(
+            eval_strategy=args["save_strategy"],
+            eval_steps=args["save_steps"],
+            per_device_eval_batch_size=cfg.batch_size,
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_loss",
+            greater_is_better=False,
+        )
     if fast is not None:
         args.update(fast.sft_args())  # packing, and checkpointing left to the fast path
     return SFTConfig(**args)
@@ -164,87 +170,11 @@ def load_model(path: str, cfg: JobConfig, fast: FastPathConfig | None) -> PeftMo
 # ---------------------------------------------------------------- dataset
 
 
-def _check_row(row: Any, line: int) -> str:
-    """Return the row's format name, or raise ``UserError`` saying what is wrong."""
-    if not isinstance(row, dict):
-        raise UserError("expected a JSON object", line)
-    found = [name for name, keys in FORMATS.items() if all(k in row for k in keys)]
-    if len(found) != 1:
-        raise UserError(
-            'expected exactly one of {"messages": [...]}, {"prompt", "completion"}, {"text"}; '
-            f"got keys {sorted(row)}",
-            line,
-        )
-    fmt = found[0]
-    if fmt == "messages":
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise UserError('"messages" must be a non-empty list', line)
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise UserError(f"message {i} needs a role, one of {', '.join(ROLES)}", line)
-            if not isinstance(m.get("content"), str):
-                raise UserError(f"message {i} needs a string content", line)
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-            raise UserError("no assistant message with content: nothing to train on", line)
-    else:
-        for key in FORMATS[fmt]:
-            if not isinstance(row[key], str) or not row[key].strip():
-                raise UserError(f'"{key}" must be a non-empty string (chats: use "messages")', line)
-    return fmt
-
-
-def _trainable_tokens(row: dict, fmt: str, tok: PreTrainedTokenizerBase, max_len: int) -> int:
-    """Tokens of ``row`` that carry loss within ``max_len`` (what TRL will keep)."""
-    if fmt == "messages":
-        out = tok.apply_chat_template(
-            row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        return sum(cast(dict[str, list[int]], out)["assistant_masks"][:max_len])
-    if fmt == "prompt_completion":  # TRL tokenizes the plain strings, prompt then both
-        prompt = len(tok(row["prompt"])["input_ids"])
-        return max(
-            0, min(max_len, len(tok(row["prompt"] + row["completion"])["input_ids"])) - prompt
-        )
-    return min(max_len, len(tok(row["text"])["input_ids"]))
-
-
-def load_rows(path: Path, tok: PreTrainedTokenizerBase, max_len: int) -> tuple[str, list[dict]]:
-    """Read and validate a JSONL dataset; every problem names its (1-based) line."""
-    rows: list[dict] = []
-    fmt: str | None = None
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise UserError("not UTF-8", line_no) from None
-            if not text:
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise UserError(f"not valid JSON ({e.msg})", line_no) from None
-            row_fmt = _check_row(row, line_no)
-            if fmt is None:
-                fmt = row_fmt
-            elif row_fmt != fmt:
-                raise UserError(f"a {row_fmt} row in a {fmt} dataset: use one format", line_no)
-            row = {k: row[k] for k in FORMATS[fmt]}  # one Arrow schema for every row
-            if fmt == "messages":
-                row["messages"] = [
-                    {"role": m["role"], "content": m["content"]} for m in row["messages"]
-                ]
-            try:
-                trainable = _trainable_tokens(row, fmt, tok, max_len)
-            except (jinja2.TemplateError, ValueError, TypeError) as e:  # the template refused it
-                raise UserError(f"the chat template cannot render it ({e})", line_no) from e
-            if trainable == 0:
-                raise UserError(f"nothing to train on within max_seq_len={max_len} tokens", line_no)
-            rows.append(row)
-    if fmt is None:
-        raise UserError("the dataset has no rows")
-    return fmt, rows
+def rows_dataset(rows: list[Tokens]) -> Dataset:
+    """Pre-tokenized rows as TRL takes them: it truncates, drops all-masked rows, packs."""
+    return Dataset.from_dict(
+        {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]}
+    )
 
 
 # ---------------------------------------------------------------- progress
@@ -273,6 +203,16 @@ class ProgressEvents(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
+        if "eval_loss" in logs:
+            self.events.emit(
+                "progress",
+                step=state.global_step,
+                total_steps=state.max_steps,
+                epoch=float(state.epoch or 0.0),
+                eval_loss=logs["eval_loss"],
+                peak_memory_bytes=peak_memory_bytes(),
+            )
+            return
         if "loss" not in logs:  # the end-of-training summary, reported by ``run``
             return
         done = state.global_step - self.start_step
@@ -285,6 +225,7 @@ class ProgressEvents(TrainerCallback):
             epoch=float(state.epoch or 0.0),
             loss=logs.get("loss"),
             learning_rate=logs.get("learning_rate"),
+            grad_norm=logs.get("grad_norm"),
             tokens_per_second=logs.get("train_tokens_per_second"),
             eta_seconds=eta,
             peak_memory_bytes=peak_memory_bytes(),
@@ -340,6 +281,10 @@ def last_checkpoint(checkpoint_dir: Path) -> Path | None:
 # ---------------------------------------------------------------- the job
 
 
+def _step_of(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None
+
+
 def run(spec: JobSpec, events: EventSink) -> dict[str, Any]:
     """Train one adapter as ``spec`` says; return its final metrics."""
     cfg = spec.config
@@ -352,21 +297,27 @@ def run(spec: JobSpec, events: EventSink) -> dict[str, Any]:
         cfg.validate()
     except InvalidArgument as e:
         raise UserError(str(e)) from e
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    data_format, rows = load_rows(Path(spec.dataset_path), tokenizer, cfg.max_seq_len)
-    dataset = Dataset.from_list(rows)
+    tokenizer = load_tokenizer(spec.base_model_path)
     on_gpu = torch.cuda.is_available()
     fast = FastPathConfig() if on_gpu and spec.fast_path else None
-    args = sft_config(cfg, spec, data_format, fast)
+    try:
+        data = for_spec(spec, tokenizer, packing=fast is not None, keep=True)
+    except InvalidArgument as e:
+        raise UserError(str(e).removeprefix("dataset: ")) from e
+    report = data.report
+    events.emit("report", report=report.to_dict())
+    if not report.ok:
+        raise UserError(report.errors())
+    dataset = rows_dataset(data.train)
+    eval_dataset = rows_dataset(data.eval) if data.eval else None
+    args = sft_config(cfg, spec, fast, evaluate=eval_dataset is not None)
     if on_gpu:
         check_free_memory(spec, fast is not None)
 
     events.emit(
         "state",
         state="RUNNING",
-        message=f"{len(rows)} {data_format} rows; loading the 4-bit base model"
+        message=f"{report.examples} {report.format} examples; loading the 4-bit base model"
         + (" (fast path)" if fast else ""),
     )
     peft_model = load_model(spec.base_model_path, cfg, fast)
@@ -375,6 +326,7 @@ def run(spec: JobSpec, events: EventSink) -> dict[str, Any]:
         model=peft_model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=[ProgressEvents(events)],
     )
@@ -406,7 +358,10 @@ def run(spec: JobSpec, events: EventSink) -> dict[str, Any]:
         "runtime_s": round(time.monotonic() - started, 3),
         "seed": cfg.seed,
         "tokens_trained": int(trainer.state.num_input_tokens_seen),
-        "examples": len(rows),
+        "examples": report.examples,
+        "eval_examples": report.eval_examples,
+        "best_eval_loss": trainer.state.best_metric,
+        "best_checkpoint_step": _step_of(trainer.state.best_model_checkpoint),
         "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
         "peak_memory_bytes": peak_memory_bytes(),
         "device": "cuda" if on_gpu else "cpu",

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer import curves
 from trainer.config import JobConfig, JobSpec
 from trainer.layout import Layout, write_atomic
 from trainer.publish import AdapterRejected, Publisher
@@ -70,6 +71,40 @@ class _Running:
 def latest_checkpoint(job_dir: Path) -> Path | None:
     ckpts = [p for p in (job_dir / "checkpoints").glob("checkpoint-*") if p.is_dir()]
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def job_spec(store: Store, layout: Layout, job: JobRecord, base_path: str) -> JobSpec:
+    """What a training subprocess (or a validation run) needs to know about ``job``."""
+    job_dir = layout.job_dir(job.id)
+    ds = store.get_dataset(job.tenant, job.dataset_id)
+    return JobSpec(
+        job_id=job.id,
+        base_model=job.base_model,
+        base_model_path=base_path,
+        dataset_path=str(layout.dataset_file(job.dataset_sha256)),
+        output_dir=str(job_dir / "output"),
+        checkpoint_dir=str(job_dir / "checkpoints"),
+        config=JobConfig.from_dict(job.config),
+        dataset_format=ds.format if ds else "",
+        dataset_examples=ds.num_rows if ds else 0,
+        eval_dataset_path=(
+            str(layout.dataset_file(job.validation_sha256)) if job.validation_sha256 else ""
+        ),
+        eval_fraction=job.eval_fraction,
+    )
+
+
+def _report_line(report: dict[str, Any]) -> str:
+    """One line for the event log: what the job will train."""
+    r = report
+    line = (
+        f"dataset: {r['examples']} {r['format']} examples"
+        + (f" (+{r['eval_examples']} eval)" if r.get("eval_examples") else "")
+        + f", {r['tokens_min']}/{r['tokens_mean']:.0f}/{r['tokens_max']} tokens min/mean/max, "
+        f"{r['loss_token_share']:.0%} carry loss; {r['total_steps']} steps"
+    )
+    problems = [f["message"] for f in r.get("findings", [])]
+    return line + ("; " + "; ".join(problems) if problems else "")
 
 
 class Scheduler:
@@ -207,15 +242,7 @@ class Scheduler:
                 ErrorKind.USER,
             )
             return
-        spec = JobSpec(
-            job_id=job.id,
-            base_model=job.base_model,
-            base_model_path=base_path,
-            dataset_path=str(self.layout.dataset_file(job.dataset_sha256)),
-            output_dir=str(job_dir / "output"),
-            checkpoint_dir=str(job_dir / "checkpoints"),
-            config=JobConfig.from_dict(job.config),
-        )
+        spec = job_spec(self.store, self.layout, job, base_path)
         spec_file = job_dir / "spec.json"
         write_atomic(spec_file, json.dumps(spec.to_dict(), indent=2).encode())
         env = dict(os.environ)
@@ -249,6 +276,7 @@ class Scheduler:
         state = JobState.VALIDATING
         error: dict[str, Any] | None = None
         metrics: dict[str, Any] | None = None
+        latest: dict[str, Any] = dict(job.progress or {})
         try:
             assert run.process.stdout is not None
             async for raw in run.process.stdout:
@@ -263,8 +291,13 @@ class Scheduler:
                     await self._event(job.id, state, ev.get("message", state.value.lower()))
                 elif kind == "progress":
                     progress = {k: v for k, v in ev.items() if k != "event"}
-                    self.store.update_job(job.id, progress=progress)
+                    # An evaluation reports eval_loss alone: the job keeps the latest of each.
+                    latest = {**latest, **{k: v for k, v in progress.items() if v is not None}}
+                    self.store.update_job(job.id, progress=latest)
                     await self._event(job.id, state, "progress", progress)
+                elif kind == "report":
+                    self.store.update_job(job.id, report=ev["report"])
+                    await self._event(job.id, state, _report_line(ev["report"]))
                 elif kind == "checkpoint":
                     await self._event(job.id, state, f"checkpoint saved at step {ev.get('step')}")
                 elif kind == "done":
@@ -317,6 +350,9 @@ class Scheduler:
 
     async def _publish(self, job: JobRecord, metrics: dict[str, Any]) -> None:
         job_dir = self.layout.job_dir(job.id)
+        # The loss plot and TensorBoard files ship with the adapter (trainer/curves.py).
+        title = f"{job.id}  {job.tenant}/{job.adapter_name}"
+        await asyncio.to_thread(curves.finish, job_dir, title, job_dir / "output")
         manifest = self.publisher.manifest(
             job_id=job.id,
             tenant=job.tenant,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,11 +19,14 @@ from trainer.datasets import DatasetIngest
 from trainer.jobs import Jobs
 from trainer.layout import Layout
 from trainer.memory import MemoryBudget
+from trainer.metrics import Metrics
+from trainer.observe import ObservedStore
 from trainer.publish import AdapterLoader, Publisher
 from trainer.scheduler import EventBus, Scheduler
-from trainer.servicer import TrainerServicer
-from trainer.store import SqliteStore
+from trainer.servicer import STATUS, TrainerServicer
+from trainer.store import SqliteStore, Store
 from trainer.tenants import TenantRegistry
+from trainer.wire import DecodeGuard
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +45,14 @@ def _loader(cfg: ServiceConfig) -> AdapterLoader | None:
     return VllmAdmin(cfg.vllm_url, cfg.vllm_admin_key)
 
 
-async def serve(cfg: ServiceConfig, ready: asyncio.Event | None = None) -> None:
+async def serve(
+    cfg: ServiceConfig, ready: asyncio.Event | None = None, metrics_listen: str | None = None
+) -> None:
     layout = Layout(cfg.data_dir).create()
-    store = SqliteStore(layout.db)
+    sqlite = SqliteStore(layout.db)
+    # Job transitions are logged and training curves recorded as events are stored.
+    store = cast(Store, ObservedStore(sqlite, layout))
+    metrics = Metrics(sqlite)
     assert cfg.tenants_file is not None
     auth = Authenticator(TenantRegistry(cfg.tenants_file))
     bus = EventBus()
@@ -53,9 +62,14 @@ async def serve(cfg: ServiceConfig, ready: asyncio.Event | None = None) -> None:
     if cfg.gpu_memory_budget is not None and budget is None:
         log.warning("no GPU found: the memory budget of %s is not checked", cfg.gpu_memory_budget)
     jobs = Jobs(store, scheduler, bus, cfg.base_models, cfg.max_lora_rank, budget)
-    datasets = DatasetIngest(store, layout, cfg.max_upload_bytes)
+    datasets = DatasetIngest(store, layout, cfg.max_upload_bytes, cfg.min_examples)
 
     server = grpc.aio.server(
+        interceptors=[
+            metrics.interceptor(),  # outermost: times and counts every answer, refusals too
+            # Corrupt request bytes are the client's mistake: INVALID_ARGUMENT, not UNKNOWN.
+            DecodeGuard(auth.tenant, STATUS),
+        ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -86,6 +100,9 @@ async def serve(cfg: ServiceConfig, ready: asyncio.Event | None = None) -> None:
     # The bound port on one line, so a supervisor (or a test) that asked for port 0 finds it.
     print(f"trainer listening on {host}:{port}", flush=True)
     log.info("serving %s on %s:%d, %d device slot(s)", SERVICE, host, port, scheduler.slots)
+    if metrics_listen:
+        m_host, m_port = metrics.serve(metrics_listen)
+        print(f"metrics on http://{m_host}:{m_port}/metrics", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -99,5 +116,6 @@ async def serve(cfg: ServiceConfig, ready: asyncio.Event | None = None) -> None:
     await health.enter_graceful_shutdown()
     await server.stop(GRACE_S)
     await scheduler.stop()
+    metrics.stop()
     store.close()
     log.info("stopped")

@@ -137,6 +137,22 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         self.datasets.delete(tenant, check_id(request.id, "id"))
         return pb.DeleteDatasetResponse()
 
+    @_rpc
+    async def ValidateDataset(
+        self, request: pb.ValidateDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DatasetReport:
+        report = await self.jobs.validate(
+            self._tenant(context),
+            request.base_model,
+            request.dataset_id,
+            convert.job_config(request.hyperparameters),
+            convert.eval_split(
+                request.validation_dataset_id,
+                request.eval_fraction if request.HasField("eval_fraction") else None,
+            ),
+        )
+        return convert.dataset_report(report.to_dict()) or pb.DatasetReport()
+
     # ------------------------------------------------------------ jobs
     @_rpc
     async def CreateJob(
@@ -149,6 +165,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             request.dataset_id,
             request.adapter_name,
             convert.job_config(request.hyperparameters),
+            convert.eval_split(
+                request.validation_dataset_id,
+                request.eval_fraction if request.HasField("eval_fraction") else None,
+            ),
         )
         return convert.job(rec)
 

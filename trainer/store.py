@@ -57,6 +57,7 @@ class DatasetRecord:
     num_rows: int
     format: str
     created_at: float
+    file_type: str = "jsonl"
 
 
 @dataclass
@@ -75,6 +76,10 @@ class JobRecord:
     adapter_version: str = ""
     metrics: dict[str, Any] | None = None
     pid: int | None = None
+    validation_dataset_id: str = ""
+    validation_sha256: str = ""
+    eval_fraction: float = 0.0
+    report: dict[str, Any] | None = None
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
@@ -149,7 +154,16 @@ CREATE TABLE IF NOT EXISTS adapters (
     base_model TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (tenant, name, version));
 """
 
-_JSON_FIELDS = {"config", "progress", "metrics"}
+# Columns added after the first release: (table, column, definition), added when missing.
+_MIGRATIONS = (
+    ("datasets", "file_type", "TEXT NOT NULL DEFAULT 'jsonl'"),
+    ("jobs", "validation_dataset_id", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "validation_sha256", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "eval_fraction", "REAL NOT NULL DEFAULT 0"),
+    ("jobs", "report", "TEXT"),
+)
+
+_JSON_FIELDS = {"config", "progress", "metrics", "report"}
 
 
 def _dumps(v: Any) -> str | None:
@@ -167,6 +181,10 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        for table, column, definition in _MIGRATIONS:
+            have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         self._db.close()
@@ -198,13 +216,15 @@ class SqliteStore:
             num_rows=r["num_rows"],
             format=r["format"],
             created_at=r["created_at"],
+            file_type=r["file_type"],
         )
 
     def add_dataset(self, rec: DatasetRecord) -> None:
         try:
             with self._tx() as db:
                 db.execute(
-                    "INSERT INTO datasets VALUES (?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO datasets (id, tenant, name, name_fold, sha256, size_bytes, "
+                    "num_rows, format, created_at, file_type) VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (
                         rec.id,
                         rec.tenant,
@@ -215,6 +235,7 @@ class SqliteStore:
                         rec.num_rows,
                         rec.format,
                         rec.created_at,
+                        rec.file_type,
                     ),
                 )
         except sqlite3.IntegrityError:
@@ -247,7 +268,9 @@ class SqliteStore:
         marks = ",".join("?" * len(active))
         rows = self._rows(
             f"SELECT 1 FROM datasets WHERE sha256=? UNION ALL "
-            f"SELECT 1 FROM jobs WHERE dataset_sha256=? AND state IN ({marks}) LIMIT 1",
+            f"SELECT 1 FROM jobs WHERE (dataset_sha256=? OR validation_sha256=?) "
+            f"AND state IN ({marks}) LIMIT 1",
+            sha256,
             sha256,
             sha256,
             *active,
@@ -268,7 +291,8 @@ class SqliteStore:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs (id, tenant, base_model, dataset_id, dataset_sha256, "
-                "adapter_name, config, state, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                "adapter_name, config, state, created_at, validation_dataset_id, "
+                "validation_sha256, eval_fraction) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     rec.id,
                     rec.tenant,
@@ -279,6 +303,9 @@ class SqliteStore:
                     json.dumps(rec.config),
                     rec.state.value,
                     rec.created_at,
+                    rec.validation_dataset_id,
+                    rec.validation_sha256,
+                    rec.eval_fraction,
                 ),
             )
 

@@ -1,0 +1,466 @@
+"""What a job will train on, read with the base model's own tokenizer and chat template.
+
+``tokenize`` is the one place an example becomes ``input_ids`` and ``labels`` (-100 where
+no loss): the recipe trains on exactly these rows (TRL takes them pre-tokenized), and the
+report describes exactly these rows, so what it says is what the job does.
+
+    messages           the chat template renders the conversation; the tokens of each
+                       assistant turn of weight 1 (as the template renders that turn,
+                       end-of-turn token included) carry loss
+    prompt_completion  prompt tokens, then completion tokens + EOS; loss on the latter
+    text               text tokens + EOS; loss on all of them
+
+An assistant turn is found by rendering the conversation up to it with the generation
+prompt and through it: the characters in between are the turn. A template that renders
+earlier turns differently once later ones follow cannot be read this way and is refused.
+
+The report (``Report``) is built streaming, one example at a time: token counts per
+example, truncation at ``max_seq_len``, the share of tokens that carry loss, examples
+with no loss left, whether the end-of-turn/EOS token is among the labels (if not, the
+fine-tuned model never learns to stop: an error), special tokens inside content, and the
+optimizer steps and tokens the job will train.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import random
+import sys
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.config import JobConfig, JobSpec
+from trainer.errors import InvalidArgument
+from trainer.examples import FORMATS, LineError, Row, examples, scan
+
+LINES_LISTED = 10
+
+
+@dataclass
+class Tokens:
+    input_ids: list[int]
+    labels: list[int]
+    turns_without_end: int = 0  # labelled turns (or the text) with no end token among labels
+
+
+def end_token_ids(tok: Any, base_dir: str | Path | None = None) -> set[int]:
+    """Tokens that end a generation: the tokenizer's EOS and the base's generation config's."""
+    ids: set[int] = set()
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    if base_dir is not None:
+        try:
+            gen = json.loads((Path(base_dir) / "generation_config.json").read_text())
+        except (OSError, ValueError):
+            gen = {}
+        eos = gen.get("eos_token_id")
+        ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
+    return ids
+
+
+def _render(tok: Any, msgs: list[Row], generation_prompt: bool) -> str:
+    return tok.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in msgs],
+        tokenize=False,
+        add_generation_prompt=generation_prompt,
+    )
+
+
+def _messages(row: Row, tok: Any, ends: set[int]) -> Tokens:
+    msgs = row["messages"]
+    full = _render(tok, msgs, False)
+    spans: list[tuple[int, int]] = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant" or not m.get("weight", 1):
+            continue
+        before = _render(tok, msgs[:i], True)
+        through = _render(tok, msgs[: i + 1], False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise LineError(
+                "the chat template renders earlier turns differently once later turns "
+                "follow, so the assistant's tokens cannot be told apart"
+            )
+        spans.append((len(before), len(through)))
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    labels = [-100] * len(ids)
+    labelled_ends = [False] * len(spans)
+    k = 0
+    for j, (start, _end) in enumerate(enc["offset_mapping"]):
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        if k == len(spans):
+            break
+        if start >= spans[k][0]:
+            labels[j] = ids[j]
+            labelled_ends[k] |= ids[j] in ends
+    return Tokens(ids, labels, labelled_ends.count(False))
+
+
+def _plain(tok: Any, text: str) -> list[int]:
+    return list(tok(text)["input_ids"])
+
+
+def tokenize(row: Row, kind: str, tok: Any, ends: set[int]) -> Tokens:
+    """``input_ids`` and ``labels`` of one canonical row (see ``trainer.examples``)."""
+    if kind == "messages":
+        return _messages(row, tok, ends)
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if kind == "prompt_completion":
+        prompt = _plain(tok, row["prompt"])
+        completion = list(tok(row["completion"], add_special_tokens=False)["input_ids"]) + eos
+        ids = prompt + completion
+        labels = [-100] * len(prompt) + completion
+    else:
+        ids = _plain(tok, row["text"]) + eos
+        labels = list(ids)
+    has_end = any(t in ends for t in labels)
+    return Tokens(ids, labels, 0 if has_end else 1)
+
+
+def _contents(row: Row) -> Iterator[str]:
+    if "messages" in row:
+        yield from (m["content"] for m in row["messages"])
+    else:
+        yield from (v for v in row.values() if isinstance(v, str))
+
+
+def special_tokens(tok: Any) -> list[str]:
+    """Special tokens as text (BOS, EOS, headers, ...), longest first."""
+    found = set(tok.all_special_tokens)
+    found.update(t.content for t in tok.added_tokens_decoder.values() if t.special)
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class Finding:
+    severity: str  # "error" or "warning"
+    code: str
+    message: str
+    count: int
+    lines: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    format: str
+    examples: int = 0
+    eval_examples: int = 0
+    tokens_min: int = 0
+    tokens_mean: float = 0.0
+    tokens_max: int = 0
+    truncated_examples: int = 0
+    truncated_tokens: int = 0
+    loss_token_share: float = 0.0
+    all_masked_examples: int = 0
+    examples_without_eos: int = 0
+    examples_with_special_tokens: int = 0
+    total_steps: int = 0
+    train_tokens: int = 0
+    loss_tokens: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity == "error" for f in self.findings)
+
+    def errors(self) -> str:
+        return "; ".join(f.message for f in self.findings if f.severity == "error")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"ok": self.ok}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        d = {k: v for k, v in d.items() if k != "ok"}
+        d["findings"] = [Finding(**f) for f in d.get("findings", [])]
+        return cls(**d)
+
+
+class _Lines:
+    """A count of affected examples and the first few of their lines."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lines: list[int] = []
+
+    def add(self, line: int) -> None:
+        self.count += 1
+        if len(self.lines) < LINES_LISTED:
+            self.lines.append(line)
+
+
+def count_packed_rows(lengths: Iterable[int], capacity: int) -> int:
+    """Rows that best-fit-decreasing packing (TRL's ``bfd``) makes of these lengths."""
+    free: list[int] = []
+    rows = 0
+    for n in sorted(lengths, reverse=True):
+        i = bisect.bisect_left(free, n)
+        if i < len(free):
+            room = free.pop(i) - n
+        else:
+            rows += 1
+            room = capacity - n
+        if room > 0:
+            bisect.insort(free, room)
+    return rows
+
+
+def optimizer_steps(rows: int, cfg: JobConfig) -> int:
+    """What ``transformers.Trainer`` will run: ceil(epochs x ceil(batches / accumulation))."""
+    batches = math.ceil(rows / cfg.batch_size)
+    per_epoch = max(math.ceil(batches / cfg.gradient_accumulation_steps), 1)
+    return math.ceil(cfg.num_epochs * per_epoch)
+
+
+def eval_positions(examples: int, fraction: float, seed: int) -> set[int]:
+    """Which examples (0-based, in file order) go to the eval set: the same for a seed."""
+    if not 0 < fraction < 1:
+        raise InvalidArgument("eval_fraction", f"{fraction} is not in (0, 1)")
+    k = max(1, round(examples * fraction))
+    if k >= examples:
+        raise InvalidArgument(
+            "eval_fraction",
+            f"{fraction} of {examples} example(s) leaves none to train on",
+        )
+    return set(random.Random(seed).sample(range(examples), k))
+
+
+@dataclass
+class Tokenized:
+    """A report and, when asked for, the rows to train and evaluate on."""
+
+    report: Report
+    train: list[Tokens] = field(default_factory=list)
+    eval: list[Tokens] = field(default_factory=list)
+
+
+def build(
+    fmt: str,
+    rows: Iterable[tuple[int, Row]],
+    tok: Any,
+    cfg: JobConfig,
+    *,
+    ends: set[int],
+    eval_rows: Iterable[tuple[int, Row]] = (),
+    eval_at: set[int] | None = None,
+    packing: bool = False,
+    keep: bool = False,
+) -> Tokenized:
+    """Tokenize every example once and describe what the job will train on.
+
+    ``eval_at`` carves those positions out of ``rows`` for evaluation; ``eval_rows`` are
+    a separate validation set. With ``keep`` the tokenized rows are returned too (the
+    job's data); without, memory stays flat in the number of examples but for one int
+    per example when ``packing`` needs the lengths.
+    """
+    kind = FORMATS[fmt].kind
+    specials = special_tokens(tok)
+    limit = cfg.max_seq_len
+    out = Tokenized(Report(format=fmt))
+    rep = out.report
+    truncated, masked, no_eos, special = _Lines(), _Lines(), _Lines(), _Lines()
+    lengths = array("l")
+    total = trained = loss = 0
+    bad: list[str] = []
+
+    def one(line: int, row: Row) -> Tokens | None:
+        try:
+            return tokenize(row, kind, tok, ends)
+        except (LineError, ValueError, TypeError) as e:  # the template refused it
+            if len(bad) < LINES_LISTED:
+                bad.append(f"line {line}: the chat template cannot render it ({e})")
+            return None
+
+    for pos, (line, row) in enumerate(rows):
+        t = one(line, row)
+        if t is None:
+            continue
+        if any(s in text for text in _contents(row) for s in specials):
+            special.add(line)
+        if t.turns_without_end:
+            no_eos.add(line)
+        if eval_at is not None and pos in eval_at:
+            rep.eval_examples += 1
+            if keep:
+                out.eval.append(t)
+            continue
+        n = len(t.input_ids)
+        rep.examples += 1
+        total += n
+        rep.tokens_min = n if rep.examples == 1 else min(rep.tokens_min, n)
+        rep.tokens_max = max(rep.tokens_max, n)
+        if n > limit:
+            truncated.add(line)
+            rep.truncated_tokens += n - limit
+        kept_loss = sum(1 for x in t.labels[:limit] if x != -100)
+        if kept_loss == 0:
+            masked.add(line)  # TRL drops it: it would add nothing but padding
+            continue
+        trained += min(n, limit)
+        loss += kept_loss
+        lengths.append(min(n, limit))
+        if keep:
+            out.train.append(t)
+    for line, row in eval_rows:
+        t = one(line, row)
+        if t is not None:
+            rep.eval_examples += 1
+            if t.turns_without_end:
+                no_eos.add(line)
+            if keep:
+                out.eval.append(t)
+    if bad:
+        raise InvalidArgument("dataset", "; ".join(bad))
+
+    rep.tokens_mean = total / rep.examples if rep.examples else 0.0
+    rep.truncated_examples = truncated.count
+    rep.all_masked_examples = masked.count
+    rep.examples_without_eos = no_eos.count
+    rep.examples_with_special_tokens = special.count
+    rep.loss_tokens = round(loss * cfg.num_epochs)
+    rep.train_tokens = round(trained * cfg.num_epochs)
+    rep.loss_token_share = loss / trained if trained else 0.0
+    rows_trained = count_packed_rows(lengths, limit) if packing else len(lengths)
+    rep.total_steps = optimizer_steps(rows_trained, cfg) if rows_trained else 0
+    rep.findings = _findings(rep, tok, ends, specials, truncated, masked, no_eos, special, limit)
+    return out
+
+
+def _findings(
+    rep: Report,
+    tok: Any,
+    ends: set[int],
+    specials: list[str],
+    truncated: _Lines,
+    masked: _Lines,
+    no_eos: _Lines,
+    special: _Lines,
+    limit: int,
+) -> list[Finding]:
+    found: list[Finding] = []
+    end_names = ", ".join(sorted(str(tok.convert_ids_to_tokens(i)) for i in ends)) or "none"
+    if no_eos.count:
+        found.append(
+            Finding(
+                "error",
+                "no_eos_in_labels",
+                f"{no_eos.count} example(s) train no end-of-turn token ({end_names}): the "
+                "chat template leaves it out of the assistant's turn, so the fine-tuned "
+                "model would never learn to stop; end each assistant turn with it",
+                no_eos.count,
+                no_eos.lines,
+            )
+        )
+    if rep.examples and masked.count == rep.examples:
+        found.append(
+            Finding(
+                "error",
+                "no_loss_tokens",
+                f"no example keeps a token that carries loss within max_seq_len={limit}",
+                masked.count,
+                masked.lines,
+            )
+        )
+    elif masked.count:
+        found.append(
+            Finding(
+                "warning",
+                "all_masked",
+                f"{masked.count} example(s) keep no token that carries loss within "
+                f"max_seq_len={limit}; they are left out",
+                masked.count,
+                masked.lines,
+            )
+        )
+    if truncated.count:
+        found.append(
+            Finding(
+                "warning",
+                "truncated",
+                f"{truncated.count} example(s) are longer than max_seq_len={limit}; "
+                f"{rep.truncated_tokens} token(s) are cut off",
+                truncated.count,
+                truncated.lines,
+            )
+        )
+    if special.count:
+        found.append(
+            Finding(
+                "warning",
+                "special_tokens_in_content",
+                f"{special.count} example(s) write special tokens ({', '.join(specials[:6])}) "
+                "inside their content; the model reads them as control tokens",
+                special.count,
+                special.lines,
+            )
+        )
+    return found
+
+
+# ---------------------------------------------------------------- a job's data
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The base model's tokenizer as the job uses it (padding falls back to EOS)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def for_spec(spec: JobSpec, tok: Any, *, packing: bool, keep: bool) -> Tokenized:
+    """The job's training (and eval) rows and their report, as ``spec`` describes them."""
+    path = Path(spec.dataset_path)
+    fmt, count = spec.dataset_format, spec.dataset_examples
+    if not fmt or not count:
+        found = scan(path)
+        fmt, count = found.format, found.examples
+    eval_at = (
+        eval_positions(count, spec.eval_fraction, spec.config.seed) if spec.eval_fraction else None
+    )
+    eval_rows = examples(Path(spec.eval_dataset_path), fmt) if spec.eval_dataset_path else ()
+    return build(
+        fmt,
+        examples(path, fmt),
+        tok,
+        spec.config,
+        ends=end_token_ids(tok, spec.base_model_path),
+        eval_rows=eval_rows,
+        eval_at=eval_at,
+        packing=packing,
+        keep=keep,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainer.report SPEC_JSON [--packing]``: print the report as JSON.
+
+    The service runs this in a subprocess for ``ValidateDataset`` so that tokenizing a
+    large file neither blocks its event loop nor holds the tokenizer in its memory.
+    Exit 0 with {"report": ...}, or 1 with {"error": ...} when the input is at fault.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    spec = JobSpec.from_dict(json.loads(Path(argv[0]).read_text()))
+    try:
+        tok = load_tokenizer(spec.base_model_path)
+        data = for_spec(spec, tok, packing="--packing" in argv, keep=False)
+    except InvalidArgument as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+        return 1
+    print(json.dumps({"report": data.report.to_dict()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
