@@ -1,28 +1,43 @@
-"""Command line: ``python -m trainer`` (also installed as ``finetune``).
+"""Command line: ``finetune`` (also ``python -m trainer``).
 
-    serve                          run the gRPC service
+    serve                          run the gRPC service (and, with --metrics-listen, /metrics)
     tenant add|list|remove         manage tenants on the data dir (prints a new key once)
     datasets upload|list|get|delete
-    jobs create|get|list|watch|cancel
+    jobs create|get|list|watch|cancel|plot
     adapters list|delete
+    chat ADAPTER                   talk to an adapter through vLLM's OpenAI endpoint
 
-Every flag has a FINETUNE_* environment fallback (shown in --help). Exit codes:
-0 success, 1 the service refused (the status code is printed), 2 bad usage,
-3 a watched job ended FAILED or CANCELLED.
+Every flag has a FINETUNE_* environment fallback (shown in --help); `--json` prints
+machine-readable output on stdout. Exit codes, for scripts:
+  0  success
+  1  the service refused the request (bad argument, already exists, precondition, ...)
+  2  bad usage: a wrong flag, an unreadable local file, no API key
+  3  a watched job ended FAILED or CANCELLED
+  4  not found: no such job, dataset, adapter or tenant (for this key)
+  5  the API key was refused
+  6  the service could not be reached
+  130 interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import difflib
 import json
-import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-EXIT_REFUSED, EXIT_USAGE, EXIT_JOB_FAILED = 1, 2, 3
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_JOB_FAILED = 0, 1, 2, 3
+EXIT_NOT_FOUND, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 4, 5, 6, 130
+
+
+class UsageError(Exception):
+    """The command line or a local file is wrong (exit 2)."""
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -40,6 +55,7 @@ def _base_models(spec: str | None) -> dict[str, str]:
     return out
 
 
+# ---------------------------------------------------------------- the parser
 def _service_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",
@@ -52,7 +68,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--addr",
         default=_env("ADDR", "127.0.0.1:50051"),
-        help="trainer address (env FINETUNE_ADDR)",
+        help="trainer address (env FINETUNE_ADDR; default 127.0.0.1:50051)",
     )
     p.add_argument("--api-key", default=_env("API_KEY"), help="API key (env FINETUNE_API_KEY)")
     p.add_argument(
@@ -60,17 +76,19 @@ def _client_args(p: argparse.ArgumentParser) -> None:
         default=_env("TENANT"),
         help="act for this tenant (admin keys only; env FINETUNE_TENANT)",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def _tenant_file_args(p: argparse.ArgumentParser) -> None:
+    _service_args(p)
+    p.add_argument(
+        "--tenants-file",
+        default=_env("TENANTS_FILE"),
+        help="tenants and key hashes (env FINETUNE_TENANTS_FILE; default DATA/tenants.json)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
 
+
+def _serve_parser(sub: Any) -> None:
     s = sub.add_parser("serve", help="run the gRPC service")
     _service_args(s)
     s.add_argument(
@@ -123,81 +141,181 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--devices", type=int, default=None, help="jobs at once (default: one per GPU, or 1 on CPU)"
     )
-    s.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    s.add_argument(
+        "--metrics-listen",
+        default=_env("METRICS_LISTEN"),
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (env "
+        "FINETUNE_METRICS_LISTEN; off unless given; 9464 is the usual port; 0 picks one)",
+    )
+    s.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="env FINETUNE_LOG_LEVEL")
+    s.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=_env("LOG_FORMAT", "text"),
+        help="json: one JSON object a line, with job_id/tenant/state on job transitions "
+        "(env FINETUNE_LOG_FORMAT)",
+    )
 
-    t = sub.add_parser("tenant", help="manage tenants and their API keys")
+
+def _tenant_parser(sub: Any) -> None:
+    t = sub.add_parser("tenant", help="manage tenants and their API keys (on the data dir)")
     tsub = t.add_subparsers(dest="action", required=True)
-    for name, hlp in (
-        ("add", "create a tenant; its key is printed once"),
-        ("remove", "remove a tenant; its key stops working"),
-    ):
-        a = tsub.add_parser(name, help=hlp)
-        a.add_argument("name")
-        _service_args(a)
-        a.add_argument("--tenants-file", default=_env("TENANTS_FILE"))
-        if name == "add":
-            a.add_argument("--admin", action="store_true", help="may act for every tenant")
+    a = tsub.add_parser("add", help="create a tenant; its key is printed once")
+    a.add_argument("name")
+    a.add_argument("--admin", action="store_true", help="may act for every tenant")
+    _tenant_file_args(a)
+    a = tsub.add_parser("remove", help="remove a tenant; its key stops working")
+    a.add_argument("name")
+    _tenant_file_args(a)
     a = tsub.add_parser("list", help="list tenants")
-    _service_args(a)
-    a.add_argument("--tenants-file", default=_env("TENANTS_FILE"))
+    _tenant_file_args(a)
+    a.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
+
+def _datasets_parser(sub: Any) -> None:
     d = sub.add_parser("datasets", help="upload and manage datasets")
     dsub = d.add_subparsers(dest="action", required=True)
-    a = dsub.add_parser("upload", help="upload a JSONL file")
+    a = dsub.add_parser("upload", help="upload a JSONL (or Parquet) file; shows a progress bar")
     a.add_argument("file", type=Path)
     a.add_argument("--name", help="dataset name (default: the file's stem)")
+    a.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     _client_args(a)
-    for name in ("list", "get", "delete"):
-        a = dsub.add_parser(name)
-        if name != "list":
-            a.add_argument("id")
+    a = dsub.add_parser("list", help="your datasets, as a table")
+    _client_args(a)
+    for name, hlp in (("get", "one dataset"), ("delete", "delete a dataset")):
+        a = dsub.add_parser(name, help=hlp)
+        a.add_argument("id", help="dataset id (ds-...)")
         _client_args(a)
 
+
+def _jobs_parser(sub: Any) -> None:
     j = sub.add_parser("jobs", help="create and follow fine-tuning jobs")
     jsub = j.add_subparsers(dest="action", required=True)
-    a = jsub.add_parser("create", help="queue a job")
-    a.add_argument("--base-model", required=True)
-    a.add_argument("--dataset", required=True, help="dataset id")
-    a.add_argument("--adapter", required=True, help="adapter name")
+    a = jsub.add_parser(
+        "create",
+        help="queue a job",
+        description="Queue a fine-tuning job. Settings come from --config FILE.yaml, then "
+        "flags (flags win). The YAML file holds base_model, dataset, adapter, "
+        "validation_dataset, eval_fraction and hyperparameters (nested under "
+        "'hyperparameters:' or at the top level), e.g.\n\n"
+        "  base_model: tiny\n  dataset: ds-0123456789abcdef\n  adapter: secret\n"
+        "  hyperparameters:\n    lora_rank: 16\n    learning_rate: 2.0e-4\n"
+        "    target_modules: [q_proj, v_proj]\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a.add_argument(
+        "--config", "-f", type=Path, help="YAML file of job settings and hyperparameters"
+    )
+    a.add_argument("--base-model", help="a base model the server allows")
+    a.add_argument("--dataset", help="dataset id")
+    a.add_argument("--adapter", help="adapter name (served as <tenant>/<adapter>)")
+    a.add_argument("--validation-dataset", help="dataset id of an eval set")
+    a.add_argument("--eval-fraction", type=float, help="carve this share out as an eval set")
     a.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="hyperparameter, e.g. --set lora_rank=16 --set num_epochs=1",
+        help="hyperparameter, e.g. --set lora_rank=16 --set target_modules=q_proj,v_proj",
     )
     a.add_argument("--watch", action="store_true", help="follow it until it ends")
     _client_args(a)
-    for name in ("get", "watch", "cancel", "list"):
-        a = jsub.add_parser(name)
-        if name != "list":
-            a.add_argument("id")
+    a = jsub.add_parser("list", help="your jobs, as a table")
+    _client_args(a)
+    for name, hlp in (
+        ("get", "one job, in detail"),
+        ("watch", "live progress until the job ends (exit 3 if it fails)"),
+        ("cancel", "cancel a queued or running job"),
+    ):
+        a = jsub.add_parser(name, help=hlp)
+        a.add_argument("id", help="job id (job-...)")
         _client_args(a)
+    a = jsub.add_parser("plot", help="save the loss curves of a job as a PNG")
+    a.add_argument("id", help="job id (job-...)")
+    a.add_argument("-o", "--output", type=Path, help="PNG file (default: <job id>.png)")
+    _client_args(a)
 
+
+def _adapters_parser(sub: Any) -> None:
     ad = sub.add_parser("adapters", help="list and delete published adapters")
     asub = ad.add_subparsers(dest="action", required=True)
-    a = asub.add_parser("list")
+    a = asub.add_parser("list", help="your adapters, as a table")
     _client_args(a)
-    a = asub.add_parser("delete")
+    a = asub.add_parser("delete", help="unpublish an adapter (every version)")
     a.add_argument("name")
     _client_args(a)
+
+
+def _chat_parser(sub: Any) -> None:
+    c = sub.add_parser(
+        "chat",
+        help="talk to an adapter (streaming), through vLLM's OpenAI-compatible endpoint",
+        description="Each line you type is a turn; the answer streams in. /reset forgets "
+        "the conversation, /exit or Ctrl-D leaves. With --message, or with a pipe on "
+        "stdin, it answers and exits.",
+    )
+    c.add_argument("adapter", help="'<tenant>/<adapter>', your adapter's name, or a base model")
+    c.add_argument(
+        "--base-url",
+        default=_env("OPENAI_URL", "http://127.0.0.1:8000/v1"),
+        help="the OpenAI-compatible endpoint (env FINETUNE_OPENAI_URL; "
+        "default http://127.0.0.1:8000/v1)",
+    )
+    c.add_argument("-m", "--message", action="append", help="send this and exit (repeatable)")
+    c.add_argument("--system", help="a system prompt")
+    c.add_argument("--max-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0)
+    _client_args(c)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _serve_parser,
+        _tenant_parser,
+        _datasets_parser,
+        _jobs_parser,
+        _adapters_parser,
+        _chat_parser,
+    ):
+        add(sub)
     return parser
 
 
-# ---------------------------------------------------------------- commands
-def _registry(args: argparse.Namespace) -> Any:
-    from trainer.tenants import TenantRegistry
+# ---------------------------------------------------------------- output
+def _to_dict(msg: Any) -> Any:
+    from google.protobuf.json_format import MessageToDict
 
-    return TenantRegistry(Path(args.tenants_file or Path(args.data_dir) / "tenants.json"))
+    return MessageToDict(msg, preserving_proto_field_name=True)
 
 
+def _emit(args: argparse.Namespace, msg: Any, text: str | Callable[[], str]) -> None:
+    """``msg`` (a message or a list of them) as JSON with --json, else ``text``."""
+    if args.json:
+        items = [_to_dict(m) for m in msg] if isinstance(msg, list) else _to_dict(msg)
+        print(json.dumps(items, indent=2))
+    else:
+        print(text() if callable(text) else text)
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    """A message for people, on stderr (stdout stays clean for --json)."""
+    print(text, file=sys.stderr)
+
+
+# ---------------------------------------------------------------- serve and tenants
 def cmd_serve(args: argparse.Namespace) -> int:
+    from trainer import logs
     from trainer.config import ServiceConfig
     from trainer.server import serve
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup(args.log_level, args.log_format)
     models = _base_models(_env("BASE_MODELS"))
     models.update(_base_models(",".join(args.base_model or [])))
     cfg = ServiceConfig(
@@ -212,12 +330,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         devices=args.devices,
         gpu_memory_budget=args.gpu_memory_budget,
     )
-    asyncio.run(serve(cfg))
-    return 0
+    asyncio.run(serve(cfg, metrics_listen=args.metrics_listen))
+    return EXIT_OK
 
 
 def cmd_tenant(args: argparse.Namespace) -> int:
-    reg = _registry(args)
+    from trainer.tenants import TenantRegistry
+
+    reg = TenantRegistry(Path(args.tenants_file or Path(args.data_dir) / "tenants.json"))
     if args.action == "add":
         key = reg.add(args.name, admin=args.admin)
         print(key)
@@ -226,151 +346,377 @@ def cmd_tenant(args: argparse.Namespace) -> int:
         reg.remove(args.name)
         print(f"tenant {args.name!r} removed", file=sys.stderr)
     else:
-        for t in reg.list():
-            print(f"{t.name}\t{'admin' if t.admin else 'tenant'}")
-    return 0
+        tenants = reg.list()
+        if args.json:
+            print(json.dumps([{"name": t.name, "admin": t.admin} for t in tenants], indent=2))
+        else:
+            from trainer.console import table
+
+            rows = [(t.name, "admin" if t.admin else "tenant") for t in tenants]
+            print(table(("TENANT", "ROLE"), rows, empty="no tenants"))
+    return EXIT_OK
 
 
-def _hp_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
+# ---------------------------------------------------------------- datasets
+def _readable_file(path: Path) -> Path:
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if not path.is_file():
+        raise UsageError(f"{path}: not a file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{path}: not readable")
+    return path
 
 
-def _print(args: argparse.Namespace, msg: Any, text: str) -> None:
-    from google.protobuf.json_format import MessageToDict
+def datasets_upload(c: Any, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
 
-    if args.json:
-        items = [MessageToDict(m) for m in msg] if isinstance(msg, list) else MessageToDict(msg)
-        print(json.dumps(items, indent=2))
-    else:
-        print(text)
+    path = _readable_file(args.file)
+    with tqdm(
+        total=path.stat().st_size,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"uploading {path.name}",
+        disable=args.json or args.quiet,
+        file=sys.stderr,
+        leave=True,
+    ) as bar:
+        ds = c.upload_dataset(path, args.name or path.stem, bar.update)
+    _emit(args, ds, f"{ds.id}\t{ds.name}\t{ds.num_rows} rows\tsha256 {ds.sha256}")
+    return EXIT_OK
 
 
-def _watch(client: Any, job_id: str, as_json: bool) -> int:
+def datasets_list(c: Any, args: argparse.Namespace) -> int:
+    from trainer.console import datasets_table
+
+    items = c.list_datasets()
+    _emit(args, items, lambda: datasets_table(items))
+    return EXIT_OK
+
+
+def datasets_get(c: Any, args: argparse.Namespace) -> int:
+    d = c.get_dataset(args.id)
+    _emit(args, d, f"{d.id}\t{d.name}\t{d.num_rows} rows\tsha256 {d.sha256}")
+    return EXIT_OK
+
+
+def datasets_delete(c: Any, args: argparse.Namespace) -> int:
+    c.delete_dataset(args.id)
+    _note(args, f"dataset {args.id} deleted")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- jobs
+_JOB_KEYS = {
+    "base_model": "base_model",
+    "dataset": "dataset",
+    "dataset_id": "dataset",
+    "adapter": "adapter",
+    "adapter_name": "adapter",
+    "validation_dataset": "validation_dataset",
+    "validation_dataset_id": "validation_dataset",
+    "eval_fraction": "eval_fraction",
+}
+
+
+def _hyperparameter_fields() -> dict[str, Any]:
     from finetune.v1 import trainer_pb2 as pb
 
-    bar = None
-    state = pb.JOB_STATE_UNSPECIFIED
-    for ev in client.watch_job(job_id):
-        state = ev.state
-        if as_json:
-            from google.protobuf.json_format import MessageToDict
+    return {f.name: f for f in pb.Hyperparameters.DESCRIPTOR.fields}
 
-            print(json.dumps(MessageToDict(ev)), flush=True)
-            continue
-        if ev.HasField("progress") and ev.progress.total_steps:
-            from tqdm import tqdm
 
-            p = ev.progress
-            if bar is None:
-                bar = tqdm(total=p.total_steps, unit="step", desc=job_id)
-            bar.n = p.step
-            bar.set_postfix(
-                loss=f"{p.loss:.4f}" if p.HasField("loss") else "-",
-                eta=f"{p.eta_seconds:.0f}s" if p.HasField("eta_seconds") else "-",
-            )
-            bar.refresh()
+def _unknown(key: str, known: list[str]) -> UsageError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
+    return UsageError(f"unknown setting {key!r}{hint}")
+
+
+def _hp_value(field: Any, raw: Any) -> Any:
+    """A hyperparameter from YAML or --set, as its protobuf field wants it."""
+    if isinstance(raw, str):
+        with contextlib.suppress(json.JSONDecodeError):
+            raw = json.loads(raw)
+    if field.is_repeated:
+        if isinstance(raw, str):
+            return [s.strip() for s in raw.split(",") if s.strip()]
+        if not isinstance(raw, list):
+            raise UsageError(f"{field.name}: a list is expected, not {raw!r}")
+    elif field.type in (field.TYPE_INT32, field.TYPE_INT64):
+        if isinstance(raw, float) and raw.is_integer():
+            raw = int(raw)
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            raise UsageError(f"{field.name}: an integer is expected, not {raw!r}")
+    elif field.type == field.TYPE_DOUBLE:
+        if not isinstance(raw, int | float) or isinstance(raw, bool):
+            raise UsageError(f"{field.name}: a number is expected, not {raw!r}")
+        raw = float(raw)
+    return raw
+
+
+def job_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(job settings, hyperparameters) from --config, then flags and --set (flags win)."""
+    fields = _hyperparameter_fields()
+    job: dict[str, Any] = {}
+    hp: dict[str, Any] = {}
+    if args.config is not None:
+        import yaml
+
+        try:
+            doc = yaml.safe_load(_readable_file(args.config).read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UsageError(f"{args.config}: not YAML: {e}") from e
+        if not isinstance(doc, dict):
+            raise UsageError(f"{args.config}: a mapping of settings is expected")
+        nested = doc.pop("hyperparameters", None) or {}
+        if not isinstance(nested, dict):
+            raise UsageError(f"{args.config}: 'hyperparameters' must be a mapping")
+        for key, value in {**doc, **nested}.items():
+            if key in _JOB_KEYS and key not in nested:
+                job[_JOB_KEYS[key]] = value
+            elif key in fields:
+                hp[key] = _hp_value(fields[key], value)
+            else:
+                raise _unknown(str(key), [*fields, *_JOB_KEYS])
+    for key in ("base_model", "dataset", "adapter", "validation_dataset", "eval_fraction"):
+        if getattr(args, key) is not None:
+            job[key] = getattr(args, key)
+    for kv in args.set:
+        key, sep, raw = kv.partition("=")
+        if not sep:
+            raise UsageError(f"--set {kv!r} is not KEY=VALUE")
+        if key not in fields:
+            raise _unknown(key, list(fields))
+        hp[key] = _hp_value(fields[key], raw)
+    missing = [k for k in ("base_model", "dataset", "adapter") if not job.get(k)]
+    if missing:
+        flags = ", ".join("--" + k.replace("_", "-") for k in missing)
+        raise UsageError(f"missing {flags} (a flag or a key of --config)")
+    return job, hp
+
+
+def jobs_create(c: Any, args: argparse.Namespace) -> int:
+    job_cfg, hp = job_settings(args)
+    job = c.create_job(
+        str(job_cfg["base_model"]),
+        str(job_cfg["dataset"]),
+        str(job_cfg["adapter"]),
+        validation_dataset_id=job_cfg.get("validation_dataset"),
+        eval_fraction=job_cfg.get("eval_fraction"),
+        **hp,
+    )
+    from trainer.console import state_name
+
+    _emit(args, job, f"{job.id}\t{state_name(job.state)}")
+    if args.watch:
+        return _watch(c, job.id, args)
+    return EXIT_OK
+
+
+def _watch(c: Any, job_id: str, args: argparse.Namespace) -> int:
+    from finetune.v1 import trainer_pb2 as pb
+    from trainer.console import WatchView, state_name
+
+    state, last = pb.JOB_STATE_UNSPECIFIED, ""
+    view = None if args.json else WatchView(sys.stdout)
+    try:
+        for ev in c.watch_job(job_id):
+            state = ev.state
+            if view is None:
+                print(json.dumps(_to_dict(ev)), flush=True)
+            else:
+                view.event(ev)
+            if not ev.HasField("progress"):
+                last = ev.message
+    finally:
+        if view is not None:
+            view.close()
+    if state != pb.JOB_STATE_SUCCEEDED:
+        _note(args, f"job {job_id} ended {state_name(state)}: {last}")
+        return EXIT_JOB_FAILED
+    return EXIT_OK
+
+
+def jobs_watch(c: Any, args: argparse.Namespace) -> int:
+    return _watch(c, args.id, args)
+
+
+def jobs_list(c: Any, args: argparse.Namespace) -> int:
+    from trainer.console import jobs_table
+
+    items = c.list_jobs()
+    _emit(args, items, lambda: jobs_table(items))
+    return EXIT_OK
+
+
+def jobs_get(c: Any, args: argparse.Namespace) -> int:
+    from trainer.console import job_details
+
+    job = c.get_job(args.id)
+    _emit(args, job, lambda: job_details(job))
+    return EXIT_OK
+
+
+def jobs_cancel(c: Any, args: argparse.Namespace) -> int:
+    from trainer.console import state_name
+
+    job = c.cancel_job(args.id)
+    _emit(args, job, f"{job.id}\t{state_name(job.state)}")
+    return EXIT_OK
+
+
+def jobs_plot(c: Any, args: argparse.Namespace) -> int:
+    from trainer import curves
+
+    job = c.get_job(args.id)  # NOT_FOUND before anything is written
+    progress = [_to_dict(ev.progress) for ev in c.job_events(args.id) if ev.HasField("progress")]
+    out: Path = args.output or Path(f"{args.id}.png")
+    series = curves.Series.from_progress(progress)
+    plotted = curves.plot(series, out, f"{job.id}  {job.tenant}/{job.adapter_name}")
+    if args.json:
+        print(json.dumps({"job_id": job.id, "file": str(out), "series": plotted}, indent=2))
+    else:
+        n = len(plotted.get("loss", {}).get("step", []))
+        m = len(plotted.get("eval_loss", {}).get("step", []))
+        print(out)
+        _note(args, f"{n} loss and {m} eval loss points plotted")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- adapters
+def adapters_list(c: Any, args: argparse.Namespace) -> int:
+    from trainer.console import adapters_table
+
+    items = c.list_adapters()
+    _emit(args, items, lambda: adapters_table(items))
+    return EXIT_OK
+
+
+def adapters_delete(c: Any, args: argparse.Namespace) -> int:
+    c.delete_adapter(args.name)
+    _note(args, f"adapter {args.name} deleted")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- chat
+def cmd_chat(args: argparse.Namespace) -> int:
+    from trainer.chat import ChatError, ChatSession, repl
+
+    model = args.adapter
+    if "/" not in model:  # a short adapter name: the trainer knows its served name
+        import grpc
+
+        from trainer.client import TrainerClient
+
+        try:
+            with TrainerClient(args.addr, args.api_key, args.tenant, timeout=5) as c:
+                model = next(
+                    (a.served_name for a in c.list_adapters() if a.name == args.adapter), model
+                )
+        except grpc.RpcError:
+            pass  # a base model's name, or no trainer at hand: ask vLLM as it is
+    session = ChatSession(
+        args.base_url,
+        args.api_key,
+        model,
+        system=args.system,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+    )
+    try:
+        if args.message:
+            for text in args.message:
+                for piece in session.ask(text):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
         else:
-            if bar is not None:
-                bar.close()
-                bar = None
-            print(
-                f"[{pb.JobState.Name(ev.state).removeprefix('JOB_STATE_')}] {ev.message}",
-                flush=True,
-            )
-    if bar is not None:
-        bar.close()
-    return 0 if state == pb.JOB_STATE_SUCCEEDED else EXIT_JOB_FAILED
+            repl(session, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
+    except ChatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if e.status in (401, 403):
+            return EXIT_AUTH
+        if e.status == 404:
+            return EXIT_NOT_FOUND
+        return EXIT_UNAVAILABLE if e.status == 0 else EXIT_REFUSED
+    finally:
+        session.close()
+    return EXIT_OK
+
+
+COMMANDS: dict[tuple[str, str], Callable[[Any, argparse.Namespace], int]] = {
+    ("datasets", "upload"): datasets_upload,
+    ("datasets", "list"): datasets_list,
+    ("datasets", "get"): datasets_get,
+    ("datasets", "delete"): datasets_delete,
+    ("jobs", "create"): jobs_create,
+    ("jobs", "list"): jobs_list,
+    ("jobs", "get"): jobs_get,
+    ("jobs", "watch"): jobs_watch,
+    ("jobs", "cancel"): jobs_cancel,
+    ("jobs", "plot"): jobs_plot,
+    ("adapters", "list"): adapters_list,
+    ("adapters", "delete"): adapters_delete,
+}
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    from finetune.v1 import trainer_pb2 as pb
     from trainer.client import TrainerClient
 
-    if not args.api_key:
-        print("error: an API key is needed (--api-key or FINETUNE_API_KEY)", file=sys.stderr)
-        return EXIT_USAGE
+    command = COMMANDS[(args.command, args.action)]
     with TrainerClient(args.addr, args.api_key, args.tenant) as c:
-        group, action = args.command, args.action
-        if (group, action) == ("datasets", "upload"):
-            from tqdm import tqdm
+        return command(c, args)
 
-            with tqdm(
-                total=args.file.stat().st_size,
-                unit="B",
-                unit_scale=True,
-                desc=args.file.name,
-                disable=args.json,
-            ) as bar:
-                ds = c.upload_dataset(args.file, args.name or args.file.stem, bar.update)
-            _print(args, ds, f"{ds.id}\t{ds.name}\t{ds.num_rows} rows\tsha256 {ds.sha256}")
-        elif (group, action) == ("datasets", "list"):
-            items = c.list_datasets()
-            _print(args, items, "\n".join(f"{d.id}\t{d.name}\t{d.num_rows} rows" for d in items))
-        elif (group, action) == ("datasets", "get"):
-            d = c.get_dataset(args.id)
-            _print(args, d, f"{d.id}\t{d.name}\t{d.num_rows} rows\tsha256 {d.sha256}")
-        elif (group, action) == ("datasets", "delete"):
-            c.delete_dataset(args.id)
-        elif (group, action) == ("jobs", "create"):
-            hp = {}
-            for kv in args.set:
-                k, sep, v = kv.partition("=")
-                if not sep:
-                    print(f"error: --set {kv!r} is not KEY=VALUE", file=sys.stderr)
-                    return EXIT_USAGE
-                hp[k] = _hp_value(v)
-            try:
-                job = c.create_job(args.base_model, args.dataset, args.adapter, **hp)
-            except (ValueError, TypeError) as e:
-                print(f"error: hyperparameters: {e}", file=sys.stderr)
-                return EXIT_USAGE
-            _print(args, job, f"{job.id}\t{pb.JobState.Name(job.state)}")
-            if args.watch:
-                return _watch(c, job.id, args.json)
-        elif (group, action) == ("jobs", "get"):
-            job = c.get_job(args.id)
-            _print(args, job, f"{job.id}\t{pb.JobState.Name(job.state)}\t{job.error_message}")
-        elif (group, action) == ("jobs", "list"):
-            items = c.list_jobs()
-            _print(
-                args,
-                items,
-                "\n".join(f"{j.id}\t{j.adapter_name}\t{pb.JobState.Name(j.state)}" for j in items),
-            )
-        elif (group, action) == ("jobs", "watch"):
-            return _watch(c, args.id, args.json)
-        elif (group, action) == ("jobs", "cancel"):
-            job = c.cancel_job(args.id)
-            _print(args, job, f"{job.id}\t{pb.JobState.Name(job.state)}")
-        elif (group, action) == ("adapters", "list"):
-            items = c.list_adapters()
-            _print(args, items, "\n".join(f"{a.served_name}\t{a.version}" for a in items))
-        elif (group, action) == ("adapters", "delete"):
-            c.delete_adapter(args.name)
-    return 0
+
+# ---------------------------------------------------------------- errors and main
+def _exit_for(code_name: str) -> int:
+    if code_name == "NOT_FOUND":
+        return EXIT_NOT_FOUND
+    if code_name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return EXIT_AUTH
+    if code_name in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        return EXIT_UNAVAILABLE
+    return EXIT_REFUSED
+
+
+def _fail(args: argparse.Namespace, code: int, kind: str, message: str) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": kind, "message": message}}), file=sys.stderr)
+    else:
+        print(
+            f"error: {kind}: {message}" if kind != "USAGE" else f"error: {message}", file=sys.stderr
+        )
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import grpc
 
-    from trainer.errors import DomainError
+    from trainer.errors import DomainError, NotFound
 
     try:
         if args.command == "serve":
             return cmd_serve(args)
         if args.command == "tenant":
             return cmd_tenant(args)
+        if not args.api_key:
+            raise UsageError("an API key is needed (--api-key or FINETUNE_API_KEY)")
+        if args.command == "chat":
+            return cmd_chat(args)
         return cmd_client(args)
+    except UsageError as e:
+        return _fail(args, EXIT_USAGE, "USAGE", str(e))
     except grpc.RpcError as e:
-        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
-        return EXIT_REFUSED
+        name = e.code().name if e.code() else "UNKNOWN"
+        return _fail(args, _exit_for(name), name, e.details() or "")
+    except NotFound as e:
+        return _fail(args, EXIT_NOT_FOUND, "NOT_FOUND", str(e))
     except DomainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_REFUSED
+        return _fail(args, EXIT_REFUSED, type(e).__name__, str(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

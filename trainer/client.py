@@ -83,7 +83,14 @@ class TrainerClient:
 
     # ------------------------------------------------------------ jobs
     def create_job(
-        self, base_model: str, dataset_id: str, adapter_name: str, **hyperparameters: Any
+        self,
+        base_model: str,
+        dataset_id: str,
+        adapter_name: str,
+        *,
+        validation_dataset_id: str | None = None,
+        eval_fraction: float | None = None,
+        **hyperparameters: Any,
     ) -> pb.Job:
         """Queue a job; keyword arguments are ``Hyperparameters`` fields (unset = default)."""
         req = pb.CreateJobRequest(
@@ -91,7 +98,10 @@ class TrainerClient:
             dataset_id=dataset_id,
             adapter_name=adapter_name,
             hyperparameters=pb.Hyperparameters(**hyperparameters),
+            validation_dataset_id=validation_dataset_id or "",
         )
+        if eval_fraction is not None:
+            req.eval_fraction = eval_fraction
         return self._call(self.stub.CreateJob, req)
 
     def get_job(self, job_id: str) -> pb.Job:
@@ -108,6 +118,29 @@ class TrainerClient:
         yield from self.stub.WatchJob(
             pb.WatchJobRequest(id=job_id), metadata=self.metadata, timeout=None
         )
+
+    def job_events(self, job_id: str, settle_s: float = 3.0) -> list[pb.JobEvent]:
+        """The job's events so far, without following it: all of them once it has ended;
+        for a live job, the replay (events up to now), read for at most ``settle_s``."""
+        job = self.get_job(job_id)
+        if job.state in TERMINAL:
+            return list(self.watch_job(job_id))
+        now = time.time()
+        out: list[pb.JobEvent] = []
+        call = self.stub.WatchJob(
+            pb.WatchJobRequest(id=job_id), metadata=self.metadata, timeout=settle_s
+        )
+        try:
+            for ev in call:
+                out.append(ev)
+                if ev.time.ToMicroseconds() / 1e6 >= now or ev.state in TERMINAL:
+                    break
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+        finally:
+            call.cancel()
+        return out
 
     def wait(self, job_id: str, timeout: float = 600.0) -> pb.Job:
         """Block until the job ends (or ``timeout`` passes) and return it."""
