@@ -311,8 +311,12 @@ def load_fast(model_dir: Path):
 def apply_variant(model, variant: str) -> dict:
     """Switch the fast path's pieces on or off in place; return the SFTConfig extras.
 
-    ``fast`` is everything on; ``-nopack``, ``-nofuse``, ``-nooffload``, ``-nocompile``
-    and ``-gpuembed`` turn one piece off each, ``-drop0`` sets LoRA dropout to 0.
+    ``fast`` is everything on; ``-nopack``, ``-nofuse``, ``-nooffload``, ``-nocompile``,
+    ``-gpuembed``, ``-hostgather`` (host embeddings gathered on the host, not mapped),
+    ``-addmm`` (the LoRA layer as PEFT modules + one ``addmm``, not one autograd node),
+    ``-nolean`` (the recompute runs the down projection too) and ``-nansync`` (the
+    Trainer's per-micro-step NaN check) turn one piece off each; ``-drop0`` sets LoRA
+    dropout to 0.
     """
     import sys
 
@@ -337,6 +341,9 @@ def apply_variant(model, variant: str) -> dict:
             fused = fastpath._norm_forward if norm else fastpath._mlp_forward
             module.forward = module._fastpath_eager_forward if eager else fused.__get__(module)
         if isinstance(module, fastpath.HostEmbedding):
+            if not hasattr(module, "_bench_mapped"):
+                module._bench_mapped = module.mapped
+            module.mapped = None if "hostgather" in flags else module._bench_mapped
             if "gpuembed" in flags:  # the table back on the GPU, as without host embeddings
                 if not hasattr(module, "_bench_table"):
                     module._bench_table = module.table.to(module.device)
@@ -356,11 +363,14 @@ def apply_variant(model, variant: str) -> dict:
                 module.forward = module._fastpath_forward
             else:
                 module.forward = fastpath._fused_lora_forward.__get__(module)
+            module._fastpath_autograd = "addmm" not in flags
+            if hasattr(module, "_fastpath_output_unused"):
+                module._fastpath_output_unused = "nolean" not in flags
             if not hasattr(module, "_bench_dropout"):
                 module._bench_dropout = module.lora_dropout["default"]
             drop = torch.nn.Identity() if "drop0" in flags else module._bench_dropout
             module.lora_dropout["default"] = drop
-    cfg = fastpath.FastPathConfig(varlen_attention=pack)
+    cfg = fastpath.FastPathConfig(varlen_attention=pack, sync_free_steps="nansync" not in flags)
     return cfg.sft_args()
 
 

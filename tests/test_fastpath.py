@@ -49,7 +49,7 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-def _load(path, *, fast: bool, offload: bool = True):
+def _load(path, *, fast: bool, offload: bool = True, device: str = "cpu"):
     """The recipe's loading path: NF4, double quantisation, bf16 compute; then LoRA."""
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -58,7 +58,7 @@ def _load(path, *, fast: bool, offload: bool = True):
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=bnb, dtype=torch.bfloat16, device_map="cpu"
+        path, quantization_config=bnb, dtype=torch.bfloat16, device_map=device
     )
     cfg = fastpath.FastPathConfig(offload_checkpoints=offload)
     if fast:
@@ -187,21 +187,92 @@ def test_padded_batch_falls_back_to_masked_attention(tiny_model_dir):
     torch.testing.assert_close(padded[1, :6].float(), alone[0].float(), rtol=2e-2, atol=2e-2)
 
 
-def test_fused_lora_layer_matches_peft(tiny_model_dir):
-    model = _load(tiny_model_dir, fast=True).train()
-    layer = model.base_model.model.model.layers[0].mlp.up_proj
-    x = torch.randn(2, 5, 128, dtype=torch.bfloat16, requires_grad=True)
-    fused = layer(x)
-    fused.float().square().sum().backward()
-    g_fused = layer.lora_A["default"].weight.grad.clone()
-    x_grad_fused = x.grad.clone()
-    layer.lora_A["default"].weight.grad = None
-    x.grad = None
-    plain = layer._fastpath_forward(x)
-    plain.float().square().sum().backward()
-    torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
-    for got, want in [(g_fused, layer.lora_A["default"].weight.grad), (x_grad_fused, x.grad)]:
+def _layer_matches_peft(layer, x, dropout: float) -> None:
+    """The fast path's layer (one autograd node) against PEFT's own forward, same RNG."""
+    layer.lora_dropout["default"] = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
+    weights = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    runs = []
+    for forward in (layer.forward, layer._fastpath_forward):
+        torch.manual_seed(7)  # the same dropout mask for both
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = forward(x)
+        out.float().square().sum().backward()
+        runs.append([out.detach(), x.grad, *(w.grad for w in weights)])
+        x.grad = None
+        for w in weights:
+            w.grad = None
+    assert "LoraLinear" in type(layer(x).grad_fn).__name__
+    for got, want in zip(*runs, strict=True):
         assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fused_lora_layer_matches_peft(tiny_model_dir, dropout):
+    model = _load(tiny_model_dir, fast=True).train()
+    layers = model.base_model.model.model.layers
+    for layer in (layers[0].mlp.up_proj, layers[1].self_attn.k_proj):
+        x = torch.randn(2, 5, 128, dtype=torch.bfloat16, requires_grad=True)
+        _layer_matches_peft(layer, x, dropout)
+
+
+def test_lean_recompute_skips_the_down_projection_and_changes_no_gradient(
+    tiny_model_dir, monkeypatch
+):
+    """The recompute skips the down projection's GEMM (its output only feeds the layer
+    output); the loss and every LoRA gradient are bit-identical without the skip."""
+    model = _load(tiny_model_dir, fast=True).train()
+    downs = [m for n, m in model.named_modules() if n.endswith("mlp.down_proj")]
+    assert len(downs) == 2 and all(d._fastpath_output_unused for d in downs)
+    for layer in model.modules():
+        if hasattr(layer, "lora_dropout"):
+            layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
+    ids, pos, labels = _pack(_examples([9, 14, 5], seed=6))
+    dequantised = []
+    real = fastpath._base_weight
+    monkeypatch.setattr(
+        fastpath, "_base_weight", lambda base, dt: dequantised.append(base) or real(base, dt)
+    )
+    runs = []
+    for lean in (True, False):
+        for d in downs:
+            d._fastpath_output_unused = lean
+        dequantised.clear()
+        torch.manual_seed(11)
+        loss = model(input_ids=ids, position_ids=pos, labels=labels).loss
+        loss.backward()
+        runs.append((loss.detach(), _lora_grads(model), len(dequantised)))
+        model.zero_grad(set_to_none=True)
+    (loss_lean, g_lean, n_lean), (loss_full, g_full, n_full) = runs
+    assert n_full - n_lean == len(downs)  # one dequantisation (and GEMM) fewer a layer
+    assert torch.equal(loss_lean, loss_full)
+    assert torch.equal(g_lean, g_full)
+
+
+def test_sft_args_leave_the_gpu_queue_alone():
+    args = fastpath.FastPathConfig().sft_args()
+    assert args["logging_nan_inf_filter"] is False and args["gradient_checkpointing"] is False
+    assert "logging_nan_inf_filter" not in fastpath.FastPathConfig(sync_free_steps=False).sft_args()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fused_layer_mapped_embedding_and_cu_seqlens(tiny_model_dir):
+    """On CUDA: the one-node LoRA layer (bitsandbytes' CUDA dequantisation, dropout) matches
+    PEFT; the mapped host embedding gathers exactly the host rows; cu_seqlens from CUDA
+    positions equals the host computation."""
+    model = _load(tiny_model_dir, fast=True, device="cuda").train()
+    layer = model.base_model.model.model.layers[0].mlp.gate_proj
+    for dropout in (0.0, 0.2):
+        x = torch.randn(3, 70, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        _layer_matches_peft(layer, x, dropout)
+    emb = torch.nn.Embedding(1000, 64, padding_idx=0).to("cuda", torch.bfloat16)
+    host = fastpath.HostEmbedding(emb)
+    assert host.mapped is not None and host.table.is_pinned()
+    ids = torch.randint(0, 1000, (4, 33), device="cuda")
+    torch.testing.assert_close(host(ids), emb(ids), rtol=0, atol=0)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]], device="cuda")
+    cu, longest = fastpath.cu_seqlens_from_position_ids(pos)
+    assert cu.is_cuda and cu.tolist() == [0, 3, 5, 9] and longest == 4
 
 
 @pytest.mark.gpu

@@ -22,13 +22,23 @@ and each runs for real on the CPU too, where the tests check it:
   copied on a side stream and prefetched one layer ahead, so the layer inputs
   (``layers x tokens x hidden`` bf16, 2 GiB for an 8B model at 4 x 2048) leave the GPU.
 * **Host embeddings.** The input-embedding table is frozen and only gathered from:
-  it stays in host memory and the gathered rows are copied over (1 GiB less at 8B).
+  it stays in pinned host memory, mapped into the GPU's address space, and the GPU
+  gathers the rows it needs over the bus (1 GiB less at 8B, and no host round trip).
 * **Fused elementwise ops** (CUDA only). RMSNorm, RoPE and the SiLU gate run eagerly as
   chains of small kernels, RMSNorm in fp32 with copies in and out; ``torch.compile`` of
   the same formulas makes each one kernel forward and one backward.
-* **Fused LoRA epilogue.** PEFT's 4-bit LoRA layer clones the base output, scales the
-  LoRA output and adds it: three passes over the largest activations of the layer.
-  ``fuse_lora`` computes ``base + scaling * (dropout(x) A^T) B^T`` as one ``addmm``.
+* **One autograd node per LoRA layer.** PEFT's 4-bit LoRA layer clones the base output,
+  scales the LoRA output and adds it (three passes over the largest activations), and
+  its backward runs a dropout-backward pass and a separate add. ``fuse_lora`` gives each
+  layer ``_LoraLinear``: ``base + scaling * (dropout(x) A^T) B^T`` with the LoRA term
+  added into the base GEMM's output in place, and the input gradient's LoRA term added
+  into the base one in place.
+* **Lean recompute.** A Llama-style layer ends in ``residual + down_proj(...)``; when the
+  backward recomputes the layer, that output's value is never read, so the down
+  projection's GEMM (a quarter of the layer's) is skipped there.
+* **No per-micro-step host reads.** ``cu_seqlens`` costs one small copy to the host per
+  forward, and the Trainer's NaN filter of the logged loss (a host read after every
+  micro-step, which drains the GPU queue) is off.
 
 The loss itself needs nothing here: TRL's ``SFTTrainer`` already computes it with a
 chunked LM head (``add_fused_lm_head``) that never materialises the full logits.
@@ -73,6 +83,20 @@ class FastPathConfig:
         default=True,
         metadata={"help": "On CUDA, fuse RMSNorm, RoPE and SiLU*up with torch.compile."},
     )
+    lean_recompute: bool = field(
+        default=True,
+        metadata={
+            "help": "In a layer's recompute, skip the down projection's GEMM (its output "
+            "only feeds the layer output, which the backward never reads)."
+        },
+    )
+    sync_free_steps: bool = field(
+        default=True,
+        metadata={
+            "help": "Skip the Trainer's NaN/inf filter of the logged loss: it reads the loss "
+            "on the host after every micro-step, stalling the GPU queue."
+        },
+    )
 
     def sft_args(self) -> dict[str, Any]:
         """``SFTConfig`` arguments this configuration needs (the recipe merges them in)."""
@@ -81,6 +105,8 @@ class FastPathConfig:
             args.update(packing=True, packing_strategy="bfd", padding_free=True)
         # Checkpointing is installed by ``prepare_model``; the Trainer must not replace it.
         args["gradient_checkpointing"] = False
+        if self.sync_free_steps:
+            args["logging_nan_inf_filter"] = False
         return args
 
 
@@ -93,14 +119,17 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tens
     Rows are concatenated, and each row starts a new example. Returns the int32 cumulative
     lengths (``[0, len0, len0+len1, ..., total]``) and the longest example's length.
     """
-    pos = position_ids.reshape(position_ids.shape[0], -1)
+    # One copy to the host (a single synchronisation) instead of a nonzero and an item().
+    device = position_ids.device
+    pos = position_ids.reshape(position_ids.shape[0], -1).to("cpu")
     first = pos[:, :1] - 1
     starts = torch.diff(pos, prepend=first, dim=-1) != 1
     starts[:, 0] = True
     idx = torch.nonzero(starts.reshape(-1), as_tuple=False).reshape(-1)
-    total = torch.tensor([pos.numel()], device=idx.device, dtype=idx.dtype)
+    total = torch.tensor([pos.numel()], dtype=idx.dtype)
     cu = torch.cat([idx, total]).to(torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max().item())
+    cu = cu.to(device, non_blocking=True) if device.type == "cuda" else cu.to(device)
     return cu, max_len
 
 
@@ -289,6 +318,7 @@ class _Parked:
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 _LAST: dict[str, Any] = {"parked": None}
+_RECOMPUTE: dict[str, bool] = {"on": False}
 
 
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
@@ -322,8 +352,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if ctx.rng_dev is not None:
                 torch.cuda.set_rng_state(ctx.rng_dev, dev)
             enabled, dtype = ctx.autocast
-            with torch.enable_grad(), torch.autocast(dev.type, dtype=dtype, enabled=enabled):
-                out = ctx.run(x)
+            _RECOMPUTE["on"] = True  # the layer's output value itself goes unused now
+            try:
+                with torch.enable_grad(), torch.autocast(dev.type, dtype=dtype, enabled=enabled):
+                    out = ctx.run(x)
+            finally:
+                _RECOMPUTE["on"] = False
         torch.autograd.backward(out, grad)
         return None, x.grad
 
@@ -399,7 +433,19 @@ def fuse_lora(peft_model, cfg: FastPathConfig | None = None):
             layer: Any = module
             layer._fastpath_forward = layer.forward
             layer.forward = types.MethodType(_fused_lora_forward, layer)
+        if cfg.lean_recompute and type(module).__name__ in _RESIDUAL_MLP_LAYERS:
+            down = getattr(getattr(module, "mlp", None), "down_proj", None)
+            if isinstance(down, LoraLayer):
+                setattr(down, "_fastpath_output_unused", True)  # noqa: B010
     return peft_model
+
+
+# Decoder layers that end in ``return residual + mlp(norm(h))`` with ``mlp`` ending in
+# ``down_proj``: the down projection's output feeds only the layer output, whose value a
+# recompute does not need (the add's backward reads neither operand).
+_RESIDUAL_MLP_LAYERS = frozenset(
+    {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+)
 
 
 def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -416,7 +462,14 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         return self._fastpath_forward(x, *args, **kwargs)
     name = active[0]
     lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-    result = self.base_layer(x)
+    base = self.base_layer
+    if getattr(self, "_fastpath_autograd", True) and _plain_weight(base) is not None:
+        drop = self.lora_dropout[name]
+        p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+        skip = _RECOMPUTE["on"] and getattr(self, "_fastpath_output_unused", False)
+        scaling = self.scaling[name]
+        return _LoraLinear.apply(x, lora_A.weight, lora_B.weight, base, scaling, p, skip)
+    result = base(x)
     out_dtype = result.dtype
     if not torch.is_autocast_enabled(x.device.type):
         x = x.to(lora_A.weight.dtype)
@@ -431,25 +484,153 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     return fused.view(result.shape).to(out_dtype)
 
 
+def _plain_weight(base: torch.nn.Module) -> Any:
+    """The base layer's weight if ``_LoraLinear`` can take it: a bias-free bitsandbytes
+    4-bit or plain linear layer (else None, and the layer keeps the module path)."""
+    weight = getattr(base, "weight", None)
+    if weight is None or getattr(base, "bias", None) is not None:
+        return None
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        if getattr(state, "packing_format_for_cpu", False):
+            return None  # bitsandbytes' CPU inference layout: not what dequantize_4bit reads
+        return weight
+    return weight if type(base) is torch.nn.Linear else None
+
+
+def _base_weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen base weight, (out, in), in ``dtype``: NF4 dequantised on the fly."""
+    weight = base.weight
+    if getattr(weight, "quant_state", None) is None:
+        return weight.detach().to(dtype)
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(base)  # as bitsandbytes' own forward does
+    return bnbf.dequantize_4bit(base.weight, base.weight.quant_state).to(dtype)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """``base(x) + scaling * dropout(x) A^T B^T`` as one autograd node (a plain LoRA layer).
+
+    What PEFT's bnb layer computes, with fewer passes over the activations: the LoRA term
+    is added into the base GEMM's output in place (PEFT clones it and adds; an
+    out-of-place ``addmm`` copies it first), and the backward adds the LoRA input
+    gradient into the base one in place (``addmm_``, or one masked ``addcmul_`` with
+    dropout) instead of a dropout-backward pass and a separate add. The NF4 weight is
+    dequantised in the forward and again in the backward, as bitsandbytes does. The
+    dropout mask is PyTorch's own (``native_dropout``, the kernel ``nn.Dropout`` runs),
+    so a checkpointed layer's recompute draws the same mask.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_a, weight_b, base, scaling, p, skip=False):  # type: ignore[override]
+        dev = x.device.type
+        dtype = (
+            torch.get_autocast_dtype(dev)
+            if torch.is_autocast_enabled(dev)
+            else getattr(base, "compute_dtype", None) or x.dtype
+        )
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        if skip:  # a recompute whose output only feeds the layer's (unused) output
+            out = x2.new_empty(x2.shape[0], weight_b.shape[0])
+        else:
+            out = torch.mm(x2, _base_weight(base, dtype).t())
+        mask = None
+        xd = x2
+        if p > 0:
+            xd, mask = torch.native_dropout(x2, p, True)
+        a, b = weight_a.to(dtype), weight_b.to(dtype)
+        low = torch.mm(xd, a.t())
+        if not skip:
+            out.addmm_(low, b.t(), alpha=scaling)
+        ctx.base, ctx.scaling, ctx.p = base, scaling, p
+        ctx.shape, ctx.x_dtype = shape, x.dtype
+        ctx.ab_dtypes = (weight_a.dtype, weight_b.dtype)
+        ctx.save_for_backward(xd, mask, low, a, b)
+        return out.view(*shape[:-1], out.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        xd, mask, low, a, b = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
+        g_low = torch.mm(g, b).mul_(s)  # d(low): (tokens, r)
+        grad_b = torch.mm(g.t(), low).mul_(s) if ctx.needs_input_grad[2] else None
+        grad_a = torch.mm(g_low.t(), xd) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, _base_weight(ctx.base, a.dtype))
+            if mask is None:
+                grad_x.addmm_(g_low, a)
+            else:
+                grad_x.addcmul_(torch.mm(g_low, a), mask, value=1.0 / (1.0 - ctx.p))
+            grad_x = grad_x.view(ctx.shape).to(ctx.x_dtype)
+        da, db = ctx.ab_dtypes
+        grad_a = grad_a.to(da) if grad_a is not None else None
+        grad_b = grad_b.to(db) if grad_b is not None else None
+        return grad_x, grad_a, grad_b, None, None, None, None
+
+
 # ---------------------------------------------------------------- host embeddings
 
 
 class HostEmbedding(torch.nn.Module):
-    """A frozen embedding table in host memory: rows are gathered there, then copied over.
+    """A frozen embedding table in host memory.
 
-    The table is a plain tensor, not a parameter, so ``model.device`` stays the GPU.
+    On CUDA the table is pinned and mapped into the GPU's address space, so the gather
+    runs on the GPU and reads only the rows it needs over the bus: no copy of the ids to
+    the host, no synchronisation, no host-side gather. Where mapping is not possible
+    (or on the CPU) the rows are gathered on the host and copied over. The table is a
+    plain tensor, not a parameter, so ``model.device`` stays the GPU.
     """
 
-    def __init__(self, embedding: torch.nn.Embedding) -> None:
+    def __init__(self, embedding: torch.nn.Embedding, mapped: bool = True) -> None:
         super().__init__()
         self.device = embedding.weight.device
         self.table = embedding.weight.detach().to("cpu")
         self.padding_idx = embedding.padding_idx
         self.num_embeddings, self.embedding_dim = self.table.shape
+        self.mapped: torch.Tensor | None = None
+        if mapped and self.device.type == "cuda":
+            self.table = self.table.pin_memory()
+            self.mapped = _mapped_table(self.table, self.device)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.mapped is not None and input_ids.is_cuda:
+            return F.embedding(input_ids, self.mapped, self.padding_idx)
         rows = F.embedding(input_ids.cpu(), self.table, self.padding_idx)
         return rows.to(self.device)
+
+
+class _DeviceView:
+    """``__cuda_array_interface__`` of a pinned host tensor (mapped memory, one address)."""
+
+    def __init__(self, host: torch.Tensor) -> None:
+        self.host = host  # kept alive as long as the device view
+        self.__cuda_array_interface__ = {
+            "shape": tuple(host.shape),
+            "typestr": "<i2",
+            "data": (host.data_ptr(), False),
+            "version": 3,
+        }
+
+
+def _mapped_table(table: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The pinned ``table`` as a CUDA tensor over the same memory, checked; None if not."""
+    if table.dtype not in (torch.bfloat16, torch.float16) or not table.is_contiguous():
+        return None
+    try:
+        view = torch.as_tensor(_DeviceView(table.view(torch.int16)), device=device)
+        view = view.view(table.dtype)
+        ids = torch.tensor([0, 1, table.shape[0] // 2, table.shape[0] - 1])
+        got = F.embedding(ids.to(device), view).cpu()
+        if view.device != device or not torch.equal(got, F.embedding(ids, table)):
+            return None
+        return view
+    except Exception:  # no unified addressing here: gather on the host instead
+        return None
 
 
 def _host_embeddings(model) -> None:
