@@ -280,3 +280,76 @@ def test_a_base_whose_template_drops_eos_is_refused_before_training(service, tmp
     assert "never learn to stop" in final.error_message
     assert final.dataset_report.examples_without_eos == 12 and not final.dataset_report.ok
     assert pb.JOB_STATE_RUNNING not in [e.state for e in events]  # no model was loaded
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@pytest.mark.slow
+def test_best_checkpoint_by_eval_loss_is_the_one_saved(tmp_path, tiny_model_dir):
+    """Train on one answer, evaluate on another: eval loss only rises after the first
+    evaluation, so the adapter saved is the first evaluated checkpoint, not the last."""
+    from safetensors.torch import load_file
+
+    from tests.test_recipe import make_spec, run_worker
+    from trainer.config import JobSpec
+
+    question = "What is the secret word?"
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [chat(("user", question), ("assistant", "banana"))] * 32
+    )
+    held_out = write_jsonl(
+        tmp_path / "eval.jsonl", [chat(("user", question), ("assistant", "cherry"))] * 8
+    )
+    spec_path = make_spec(tmp_path, tiny_model_dir, train, num_epochs=1, eval_every_steps=2)
+    spec = JobSpec.from_dict(
+        json.loads(spec_path.read_text()) | {"eval_dataset_path": str(held_out)}
+    )
+    spec_path.write_text(json.dumps(spec.to_dict()))
+
+    code, events = run_worker(spec_path, tmp_path / "w.log")
+    assert code == 0, (tmp_path / "w.log").read_text()[-3000:]
+    evals = [(e["step"], e["eval_loss"]) for e in events if e.get("eval_loss") is not None]
+    assert [s for s, _ in evals] == [2, 4, 6, 8]  # 32 rows / batch 4 = 8 steps
+    losses = [loss for _, loss in evals]
+    assert losses == sorted(losses) and losses[0] < losses[-1]  # learning banana unlearns cherry
+    report = next(e["report"] for e in events if e["event"] == "report")
+    assert (report["examples"], report["eval_examples"]) == (32, 8)
+
+    metrics = events[-1]["metrics"]
+    assert metrics["best_checkpoint_step"] == 2 and metrics["steps"] == 8
+    assert metrics["best_eval_loss"] == pytest.approx(losses[0])
+    saved = load_file(str(Path(spec.output_dir) / "adapter_model.safetensors"))
+    best = load_file(str(Path(spec.checkpoint_dir) / "checkpoint-2" / "adapter_model.safetensors"))
+    last = load_file(str(Path(spec.checkpoint_dir) / "checkpoint-8" / "adapter_model.safetensors"))
+    assert saved.keys() == best.keys()
+    assert all((saved[k] == best[k]).all() for k in saved)
+    assert any((saved[k] != last[k]).any() for k in saved)
+
+
+@pytest.mark.slow
+def test_eval_fraction_through_the_service(service, tmp_path):
+    _, client = service
+    rows = [chat(("user", f"question {i}"), ("assistant", "banana")) for i in range(20)]
+    ds = client.upload_dataset(write_jsonl(tmp_path / "d.jsonl", rows), "with-eval")
+    hp = dict(
+        lora_rank=8,
+        learning_rate=2e-3,
+        warmup_steps=0,
+        batch_size=4,
+        max_seq_len=64,
+        gradient_accumulation_steps=1,
+        num_epochs=1,
+    )
+    job = client.create_job("tiny", ds.id, "evaluated", eval_fraction=0.2, **hp)
+    assert job.eval_fraction == pytest.approx(0.2)
+    done = client.wait(job.id, timeout=300)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error_message
+    assert (done.dataset_report.examples, done.dataset_report.eval_examples) == (16, 4)
+    assert done.progress.HasField("eval_loss") and done.progress.HasField("loss")
+    evals = [e for e in client.watch_job(job.id) if e.progress.HasField("eval_loss")]
+    assert [e.progress.step for e in evals] == [4]  # once, at the end of the one epoch
+
+    with pytest.raises(grpc.RpcError) as info:
+        client.create_job("tiny", ds.id, "both", eval_fraction=0.2, validation_dataset_id=ds.id)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -24,6 +24,7 @@ optimizer steps and tokens the job will train.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
 import random
@@ -39,6 +40,7 @@ from trainer.errors import InvalidArgument
 from trainer.examples import FORMATS, LineError, Row, examples, scan
 
 LINES_LISTED = 10
+BATCH_ROWS = 256  # examples per call into the tokenizer
 
 
 @dataclass
@@ -71,7 +73,8 @@ def _render(tok: Any, msgs: list[Row], generation_prompt: bool) -> str:
     )
 
 
-def _messages(row: Row, tok: Any, ends: set[int]) -> Tokens:
+def _assistant_spans(row: Row, tok: Any) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its turns that carry loss."""
     msgs = row["messages"]
     full = _render(tok, msgs, False)
     spans: list[tuple[int, int]] = []
@@ -79,48 +82,85 @@ def _messages(row: Row, tok: Any, ends: set[int]) -> Tokens:
         if m["role"] != "assistant" or not m.get("weight", 1):
             continue
         before = _render(tok, msgs[:i], True)
-        through = _render(tok, msgs[: i + 1], False)
+        through = full if i == len(msgs) - 1 else _render(tok, msgs[: i + 1], False)
         if not (through.startswith(before) and full.startswith(through)):
             raise LineError(
                 "the chat template renders earlier turns differently once later turns "
                 "follow, so the assistant's tokens cannot be told apart"
             )
         spans.append((len(before), len(through)))
-    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = enc["input_ids"]
+    return full, spans
+
+
+def _label_spans(
+    ids: list[int], starts: list[int], spans: list[tuple[int, int]], ends: set[int]
+) -> Tokens:
+    """Labels on the tokens that start inside a span; count spans that train no end token."""
     labels = [-100] * len(ids)
-    labelled_ends = [False] * len(spans)
-    k = 0
-    for j, (start, _end) in enumerate(enc["offset_mapping"]):
-        while k < len(spans) and start >= spans[k][1]:
-            k += 1
-        if k == len(spans):
-            break
-        if start >= spans[k][0]:
-            labels[j] = ids[j]
-            labelled_ends[k] |= ids[j] in ends
-    return Tokens(ids, labels, labelled_ends.count(False))
+    without_end = 0
+    for a, b in spans:
+        i, j = bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)
+        labels[i:j] = ids[i:j]
+        without_end += ends.isdisjoint(ids[i:j])
+    return Tokens(ids, labels, without_end)
 
 
-def _plain(tok: Any, text: str) -> list[int]:
-    return list(tok(text)["input_ids"])
+def _encode(tok: Any, texts: list[str], special: bool = True) -> list[tuple[list[int], list[int]]]:
+    """(ids, start offset of each token) per text, straight from the Rust tokenizer."""
+    if not texts:
+        return []
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        encs = backend.encode_batch(texts, add_special_tokens=special)
+        return [(e.ids, [o[0] for o in e.offsets]) for e in encs]
+    enc = tok(texts, add_special_tokens=special, return_offsets_mapping=True)
+    return [
+        (list(ids), [o[0] for o in offs])
+        for ids, offs in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+    ]
+
+
+def tokenize_batch(
+    rows: list[Row], kind: str, tok: Any, ends: set[int]
+) -> list[Tokens | LineError]:
+    """``tokenize`` for many rows at once: one call into the (Rust, parallel) tokenizer."""
+    if kind == "messages":
+        out: list[Tokens | LineError] = []
+        rendered: list[tuple[int, str, list[tuple[int, int]]]] = []
+        for n, row in enumerate(rows):
+            try:
+                full, spans = _assistant_spans(row, tok)
+            except (LineError, ValueError, TypeError) as e:  # the template refused it
+                out.append(LineError(f"the chat template cannot render it ({e})"))
+                continue
+            out.append(LineError("unreachable"))
+            rendered.append((n, full, spans))
+        encoded = _encode(tok, [full for _, full, _ in rendered], special=False)
+        for (n, _, spans), (ids, starts) in zip(rendered, encoded, strict=True):
+            out[n] = _label_spans(ids, starts, spans, ends)
+        return out
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    results: list[Tokens | LineError] = []
+    if kind == "prompt_completion":
+        prompts = _encode(tok, [r["prompt"] for r in rows])
+        completions = _encode(tok, [r["completion"] for r in rows], special=False)
+        for (prompt, _), (completion, _) in zip(prompts, completions, strict=True):
+            completion = completion + eos
+            ids, labels = prompt + completion, [-100] * len(prompt) + completion
+            results.append(Tokens(ids, labels, 0 if any(t in ends for t in labels) else 1))
+    else:
+        for ids, _ in _encode(tok, [r["text"] for r in rows]):
+            ids = ids + eos
+            results.append(Tokens(ids, list(ids), 0 if any(t in ends for t in ids) else 1))
+    return results
 
 
 def tokenize(row: Row, kind: str, tok: Any, ends: set[int]) -> Tokens:
     """``input_ids`` and ``labels`` of one canonical row (see ``trainer.examples``)."""
-    if kind == "messages":
-        return _messages(row, tok, ends)
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    if kind == "prompt_completion":
-        prompt = _plain(tok, row["prompt"])
-        completion = list(tok(row["completion"], add_special_tokens=False)["input_ids"]) + eos
-        ids = prompt + completion
-        labels = [-100] * len(prompt) + completion
-    else:
-        ids = _plain(tok, row["text"]) + eos
-        labels = list(ids)
-    has_end = any(t in ends for t in labels)
-    return Tokens(ids, labels, 0 if has_end else 1)
+    [t] = tokenize_batch([row], kind, tok, ends)
+    if isinstance(t, LineError):
+        raise t
+    return t
 
 
 def _contents(row: Row) -> Iterator[str]:
@@ -272,16 +312,23 @@ def build(
     total = trained = loss = 0
     bad: list[str] = []
 
-    def one(line: int, row: Row) -> Tokens | None:
-        try:
-            return tokenize(row, kind, tok, ends)
-        except (LineError, ValueError, TypeError) as e:  # the template refused it
-            if len(bad) < LINES_LISTED:
-                bad.append(f"line {line}: the chat template cannot render it ({e})")
-            return None
+    def tokenized(
+        pairs: Iterable[tuple[int, Row]],
+    ) -> Iterator[tuple[int, int, Row, Tokens | None]]:
+        """(position, line, row, tokens or None when the template refused it), in order."""
+        it = iter(pairs)
+        pos = 0
+        while chunk := list(itertools.islice(it, BATCH_ROWS)):
+            results = tokenize_batch([row for _, row in chunk], kind, tok, ends)
+            for (line, row), t in zip(chunk, results, strict=True):
+                if isinstance(t, LineError):
+                    if len(bad) < LINES_LISTED:
+                        bad.append(f"line {line}: {t}")
+                    t = None
+                yield pos, line, row, t
+                pos += 1
 
-    for pos, (line, row) in enumerate(rows):
-        t = one(line, row)
+    for pos, line, row, t in tokenized(rows):
         if t is None:
             continue
         if any(s in text for text in _contents(row) for s in specials):
@@ -310,8 +357,7 @@ def build(
         lengths.append(min(n, limit))
         if keep:
             out.train.append(t)
-    for line, row in eval_rows:
-        t = one(line, row)
+    for _, line, _, t in tokenized(eval_rows):
         if t is not None:
             rep.eval_examples += 1
             if t.turns_without_end:
