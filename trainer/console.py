@@ -6,7 +6,9 @@ protobuf messages as JSON itself.
 
 from __future__ import annotations
 
+import math
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -21,13 +23,17 @@ def state_name(state: int) -> str:
 
 
 def sparkline(values: Sequence[float], width: int = 24) -> str:
-    """Values as block characters, lowest to highest; bucket means past ``width`` values."""
+    """Values as block characters, lowest to highest; bucket means past ``width`` values.
+
+    Values spanning more than two decades are drawn on a log scale, as a loss usually is."""
     if not values:
         return ""
     if len(values) > width:
         n = len(values)
         buckets = [values[i * n // width : (i + 1) * n // width] for i in range(width)]
         values = [sum(b) / len(b) for b in buckets if b]
+    if min(values) > 0 and max(values) / min(values) > 100:  # a loss's long tail: log scale
+        values = [math.log(v) for v in values]
     lo, hi = min(values), max(values)
     span = hi - lo
     top = len(SPARKS) - 1
@@ -158,7 +164,9 @@ def job_details(j: pb.Job) -> str:
     if hp.target_modules:
         fields.append("target_modules=" + ",".join(hp.target_modules))
     if fields:
-        lines.append("hyperparameters  " + " ".join(fields))
+        wrapped = textwrap.wrap(" ".join(fields), 88, break_on_hyphens=False)
+        lines.append("settings   " + wrapped[0])
+        lines.extend("           " + w for w in wrapped[1:])
     return "\n".join(lines)
 
 

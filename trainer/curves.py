@@ -254,6 +254,11 @@ class Series:
 
 
 # ---------------------------------------------------------------- the plot
+def log_scale(values: list[float]) -> bool:
+    """Loss spanning more than two decades (a fast start, a long tail) reads better in log."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 100
+
+
 def plot(series: Series, path: Path, title: str = "") -> dict[str, Any]:
     """Save loss (and eval loss) against step as a PNG; return the plotted series."""
     import matplotlib
@@ -282,6 +287,9 @@ def plot(series: Series, path: Path, title: str = "") -> dict[str, Any]:
         ax.text(0.5, 0.5, "no loss logged yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
+    if log_scale([v for d in data.values() for v in d["value"]]):
+        ax.set_yscale("log")
+        ax.set_ylabel("loss (log scale)")
     ax.set_title(title or "training curves", fontsize=11)
     ax.grid(True, alpha=0.3)
     if data:
