@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,26 @@ class Layout:
         for d in (self.root, self.datasets, self.jobs, self.adapters, self.staging, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
         return self
+
+    def sweep(self) -> list[str]:
+        """Remove what a killed trainer left half-done; return the names removed.
+
+        Uploads in progress live in ``tmp/`` and publishes in progress in
+        ``adapters/.staging/`` (its ``deleted-*`` folders are removals in progress); after
+        a ``kill -9`` nothing will finish them. Only the trainer calls this, once, before
+        it serves: nothing of its own is in flight then, and vLLM never reads either.
+        """
+        removed = []
+        for folder in (self.tmp, self.staging):
+            if not folder.is_dir():
+                continue
+            for p in folder.iterdir():
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(f"{folder.name}/{p.name}")
+        return removed
 
     def dataset_file(self, sha256: str) -> Path:
         if not re.fullmatch(r"[0-9a-f]{64}", sha256):

@@ -370,7 +370,14 @@ class Scheduler:
             await self._finish(job.id, JobState.FAILED, f"adapter rejected: {e}", ErrorKind.USER)
             return
         except OSError as e:
-            await self._finish(job.id, JobState.FAILED, f"publishing failed: {e}", ErrorKind.SYSTEM)
+            # The tenant reads this: the reason, not the server's paths (those go to the log).
+            log.error("publishing %s/%s failed: %s", job.tenant, job.adapter_name, e)
+            reason = e.strerror or type(e).__name__
+            current = self.layout.current_version(job.tenant, job.adapter_name)
+            kept = f"; {current} is still the one served" if current else ""
+            await self._finish(
+                job.id, JobState.FAILED, f"publishing failed: {reason}{kept}", ErrorKind.SYSTEM
+            )
             return
         self.store.update_job(job.id, adapter_version=version, metrics=metrics)
         await self._finish(

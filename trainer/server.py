@@ -49,6 +49,8 @@ async def serve(
     cfg: ServiceConfig, ready: asyncio.Event | None = None, metrics_listen: str | None = None
 ) -> None:
     layout = Layout(cfg.data_dir).create()
+    if swept := layout.sweep():  # half an upload or publish from a killed predecessor
+        log.warning("removed %d unfinished upload(s)/publish(es): %s", len(swept), swept)
     sqlite = SqliteStore(layout.db)
     # Job transitions are logged and training curves recorded as events are stored.
     store = cast(Store, ObservedStore(sqlite, layout))
@@ -74,7 +76,7 @@ async def serve(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     trainer_pb2_grpc.add_TrainerServicer_to_server(
         TrainerServicer(auth, store, datasets, jobs, publisher), server
