@@ -106,16 +106,20 @@ def _error_text(r: httpx.Response) -> str:
 def repl(session: ChatSession, stdin: TextIO, out: TextIO, interactive: bool) -> None:
     """Read a turn a line, print each answer as it streams; stops at EOF or /exit."""
     if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
         print(f"chatting with {session.model}; {HELP}", file=sys.stderr)
     while True:
         if interactive:
-            out.write("> ")
-            out.flush()
-        line = stdin.readline()
-        if not line:
-            if interactive:
+            try:
+                line = input("> ") + "\n"
+            except EOFError:
                 out.write("\n")
-            return
+                return
+        else:
+            line = stdin.readline()
+            if not line:
+                return
         text = line.strip()
         if not text:
             continue
