@@ -383,6 +383,10 @@ def test_metrics_change_as_the_job_runs(run):
     assert len(set(steps)) >= 2 and steps == sorted(steps), steps
     total = value(running[-1], "finetune_job_total_steps", tenant="acme", job_id=job.id)
     assert total == job.progress.total_steps
+    speeds = [
+        value(s, "finetune_job_tokens_per_second", tenant="acme", job_id=job.id) for s in running
+    ]
+    assert any(v and v > 0 for v in speeds), "tokens/s of the running job"
     assert value(after, "finetune_jobs", state="RUNNING") == 0
     assert value(after, "finetune_jobs", state="SUCCEEDED") == 1
     assert value(after, "finetune_job_step", tenant="acme", job_id=job.id) is None

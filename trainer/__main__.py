@@ -30,7 +30,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_JOB_FAILED = 0, 1, 2, 3
 EXIT_NOT_FOUND, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 4, 5, 6, 130
@@ -40,6 +40,10 @@ class UsageError(Exception):
     """The command line or a local file is wrong (exit 2)."""
 
 
+@overload
+def _env(name: str) -> str | None: ...
+@overload
+def _env(name: str, default: str) -> str: ...
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"FINETUNE_{name}", default)
 
@@ -528,6 +532,11 @@ def _watch(c: Any, job_id: str, args: argparse.Namespace) -> int:
                 view.event(ev)
             if not ev.HasField("progress"):
                 last = ev.message
+    except KeyboardInterrupt:
+        if view is not None:
+            view.close()
+        _note(args, f"stopped watching; the job goes on (finetune jobs cancel {job_id} stops it)")
+        return EXIT_INTERRUPTED
     finally:
         if view is not None:
             view.close()

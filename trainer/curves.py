@@ -145,6 +145,7 @@ def _parse(data: bytes) -> Iterator[tuple[int, int, Any]]:
     while i < len(data):
         key, i = _read_varint(data, i)
         number, wire = key >> 3, key & 7
+        value: int | bytes
         if wire == 0:
             value, i = _read_varint(data, i)
         elif wire == 1:
@@ -222,15 +223,16 @@ class Series:
         step = int(progress.get("step") or 0)
         new: dict[str, float] = {}
         for key in TAGS:
-            value = progress.get(key)
-            if not _finite(value):
+            raw = progress.get(key)
+            if not _finite(raw):
                 continue
+            value = float(raw)  # type: ignore[arg-type]  # _finite: an int or a float
             if key == "eval_loss":
                 if value == self._last_eval:
                     continue
-                self._last_eval = float(value)
-            self.points[key][step] = float(value)
-            new[key] = float(value)
+                self._last_eval = value
+            self.points[key][step] = value
+            new[key] = value
         return new
 
     @classmethod
@@ -245,7 +247,7 @@ class Series:
         return [s for s, _ in pts], [v for _, v in pts]
 
     def to_json(self) -> dict[str, dict[str, list]]:
-        out = {}
+        out: dict[str, dict[str, list]] = {}
         for key in TAGS:
             steps, values = self.xy(key)
             if steps:
@@ -269,19 +271,19 @@ def plot(series: Series, path: Path, title: str = "") -> dict[str, Any]:
     data = {k: v for k, v in series.to_json().items() if k in ("loss", "eval_loss")}
     fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    styles = {
-        "loss": dict(label="training loss", color="#1f77b4", linewidth=1.6),
-        "eval_loss": dict(label="eval loss", color="#ff7f0e", linewidth=1.6, marker="o"),
-    }
-    for key, style in styles.items():
+    styles = {"loss": ("training loss", "#1f77b4", "."), "eval_loss": ("eval loss", "#ff7f0e", "o")}
+    for key, (label, color, marker) in styles.items():
         if key in data:
             steps, values = data[key]["step"], data[key]["value"]
+            dense = key == "loss" and len(steps) >= 60  # a line is clearer than dots then
             ax.plot(
                 steps,
                 values,
-                marker=style.pop("marker", "." if len(steps) < 60 else None),
+                label=label,
+                color=color,
+                linewidth=1.6,
+                marker=None if dense else marker,
                 markersize=4,
-                **style,
             )
     if not data:
         ax.text(0.5, 0.5, "no loss logged yet", ha="center", va="center", transform=ax.transAxes)

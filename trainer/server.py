@@ -119,5 +119,5 @@ async def serve(
     await server.stop(GRACE_S)
     await scheduler.stop()
     metrics.stop()
-    store.close()
+    sqlite.close()
     log.info("stopped")

@@ -1,0 +1,105 @@
+"""The curves' file formats and series rules, the console's sparkline, the JSON log lines.
+
+Fast: no service, no training (tests/test_cli.py checks all of it on a real run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import struct
+
+from PIL import Image
+
+from trainer import curves
+from trainer.console import SPARKS, sparkline
+from trainer.logs import JsonFormatter
+
+
+def test_crc32c_check_value():
+    # The CRC-32C (Castagnoli) check value, as TFRecord framing needs it.
+    assert curves.crc32c(b"123456789") == 0xE3069283
+
+
+def test_series_keeps_the_latest_value_of_a_step_and_each_evaluation_once():
+    s = curves.Series.from_progress(
+        [
+            {"step": 1, "loss": 3.0, "learning_rate": 1e-3},
+            {"step": 2, "loss": 2.0, "grad_norm": float("nan")},
+            {"step": 2, "eval_loss": 2.5},  # an evaluation reports eval_loss alone
+            {"step": 3, "loss": 1.5, "eval_loss": 2.5},  # the same evaluation, repeated
+            {"step": 2, "loss": 1.9},  # resumed from a checkpoint: step 2 logged again
+            {"step": 4, "loss": None, "eval_loss": 1.0},
+        ]
+    )
+    assert s.xy("loss") == ([1, 2, 3], [3.0, 1.9, 1.5])
+    assert s.xy("eval_loss") == ([2, 4], [2.5, 1.0])
+    assert s.xy("grad_norm") == ([], [])  # NaN is not a point
+    assert s.to_json()["learning_rate"] == {"step": [1], "value": [1e-3]}
+
+
+def test_event_files_resume_and_survive_a_torn_record(tmp_path):
+    c = curves.JobCurves(tmp_path)
+    for step in (1, 2, 3):
+        c.record({"step": step, "loss": 1.0 / step, "tokens_per_second": 100.0 * step}, 1e9 + step)
+    # The service restarts: a new JobCurves carries on in the same event file.
+    c2 = curves.JobCurves(tmp_path)
+    c2.record({"step": 4, "loss": 0.2, "eval_loss": 0.3}, 1e9 + 4)
+    files = list(c2.folder.glob(curves.EVENTS_PREFIX + "*"))
+    assert len(files) == 1
+    with open(files[0], "ab") as f:  # a crash mid-write leaves half a record
+        f.write(struct.pack("<Q", 50) + b"\0\0\0\0" + b"partial")
+    scalars = curves.read_scalars(c2.folder)
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert math.isclose(scalars["train/loss"][1][1], 0.5)
+    assert scalars["eval/loss"] == [(4, scalars["eval/loss"][0][1])]
+    assert [v for _, v in scalars["train/tokens_per_second"]] == [100.0, 200.0, 300.0]
+    records = list(curves.read_records(files[0]))
+    first = curves.decode_event(records[0])
+    assert first["file_version"] == "brain.Event:2" and first["wall_time"] == 1e9 + 1
+
+
+def test_the_png_says_what_it_plots(tmp_path):
+    c = curves.JobCurves(tmp_path)
+    for step in range(1, 31):
+        c.record(
+            {
+                "step": step,
+                "loss": 5.0 * 0.7**step,
+                **({"eval_loss": 0.9**step} if step % 10 == 0 else {}),
+            }
+        )
+    png = curves.finish(tmp_path, "job-x", into=None)
+    assert png is not None
+    with Image.open(png) as im:
+        assert (im.format, im.size) == ("PNG", (800, 450))
+    plotted = curves.png_series(png)
+    assert plotted == json.loads((c.folder / curves.SERIES_FILE).read_text())
+    assert plotted["loss"]["step"] == list(range(1, 31))
+    assert plotted["eval_loss"]["step"] == [10, 20, 30]
+    assert curves.log_scale(plotted["loss"]["value"])  # 5.0 down to 1e-4: three decades
+    # Nothing recorded: no plot.
+    assert curves.finish(tmp_path / "other") is None
+
+
+def test_sparkline():
+    assert sparkline([]) == ""
+    assert sparkline([1, 2, 3, 4, 5, 6, 7, 8]) == SPARKS
+    assert sparkline([2.0, 2.0]) == SPARKS[3] * 2
+    assert len(sparkline(list(range(100)), width=24)) == 24
+    # A loss falling over decades: a log scale keeps the tail readable.
+    decay = [10 * 0.5**i for i in range(16)]
+    assert sparkline(decay) == "".join(sorted(sparkline(decay), reverse=True))
+    assert len(set(sparkline(decay))) == 8
+
+
+def test_json_log_lines_carry_the_extra_fields():
+    record = logging.LogRecord(
+        "trainer.jobs", logging.INFO, __file__, 1, "job %s %s", ("j", "RUNNING"), None
+    )
+    record.job_id, record.tenant, record.state = "job-1", "acme", "RUNNING"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "job j RUNNING"
+    assert (line["job_id"], line["tenant"], line["state"]) == ("job-1", "acme", "RUNNING")
+    assert line["level"] == "INFO" and line["time"].endswith("Z")
