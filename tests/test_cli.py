@@ -294,6 +294,7 @@ def run(svc, tmp_path_factory):
         bolt_job = json.loads(queued.stdout)["id"]
         queue_seen = scrape(service.metrics_url)
         cancel = finetune("jobs", "cancel", bolt_job, key=keys["bolt"], addr=addr)
+        watch_cancelled = finetune("jobs", "watch", bolt_job, key=keys["bolt"], addr=addr)
         out, err = watch_proc.communicate(timeout=600)
     finally:
         if watch_proc.poll() is None:
@@ -321,6 +322,7 @@ def run(svc, tmp_path_factory):
         "queue_seen": queue_seen,
         "bolt_job": bolt_job,
         "cancel": cancel,
+        "watch_cancelled": watch_cancelled,
         "after": scrape(service.metrics_url),
         "tmp": tmp,
     }
@@ -444,6 +446,11 @@ def test_queue_length_per_tenant_and_cancel(run):
     assert run["cancel"].returncode == 0
     assert run["cancel"].stdout.strip() == f"{run['bolt_job']}\tCANCELLED"
     assert value(after, "finetune_queue_length", tenant="bolt") is None
+    # Watching a job that ended CANCELLED (or FAILED) exits 3 and says how it ended.
+    watched = run["watch_cancelled"]
+    assert watched.returncode == 3
+    assert "CANCELLED  cancelled before it started" in watched.stdout
+    assert f"job {run['bolt_job']} ended CANCELLED" in watched.stderr
     assert value(after, "finetune_jobs", state="CANCELLED") == 1
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from openai import OpenAI
 
@@ -95,3 +96,14 @@ def test_chat_failures_have_exit_codes(world):
     assert wrong.returncode == 5 and "HTTP 401" in wrong.stderr
     down = chat("A/greeter", "-m", "Hello", key=keys.A, url="http://127.0.0.1:9/v1")
     assert down.returncode == 6 and "ConnectError" in down.stderr
+
+
+def test_vllm_metrics_are_for_operators_not_tenants(world):
+    vllm, keys = world
+
+    def get(key: str) -> httpx.Response:
+        return httpx.get(vllm.url + "/metrics", headers={"Authorization": f"Bearer {key}"})
+
+    assert get(keys.A).status_code == 403
+    ops = get(keys.admin)
+    assert ops.status_code == 200 and "vllm:" in ops.text
