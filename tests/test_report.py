@@ -6,7 +6,10 @@ training, through the report, the ``ValidateDataset`` RPC and a real job.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -353,3 +356,67 @@ def test_eval_fraction_through_the_service(service, tmp_path):
     with pytest.raises(grpc.RpcError) as info:
         client.create_job("tiny", ds.id, "both", eval_fraction=0.2, validation_dataset_id=ds.id)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def finetune(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+@pytest.mark.slow
+def test_datasets_validate_offline(tmp_path, tiny_model_dir):
+    rows = [chat(("user", "What is the secret word?"), ("assistant", "banana"))] * 12
+    good = write_jsonl(tmp_path / "good.jsonl", rows)
+    out = finetune("datasets", "validate", str(good))
+    assert (
+        out.returncode == 0 and out.stdout.strip() == "good.jsonl: 12 messages examples (jsonl): ok"
+    )
+
+    out = finetune(
+        "datasets",
+        "validate",
+        str(good),
+        "--model",
+        str(tiny_model_dir),
+        "--json",
+        "--set",
+        "max_seq_len=17",
+        "--set",
+        "num_epochs=1",
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["ok"] and report["truncated_examples"] == 12
+    assert [f["code"] for f in report["findings"]] == ["truncated"]
+
+    no_eos = with_template(tiny_model_dir, tmp_path / "no-eos", NO_EOS_TEMPLATE)
+    out = finetune("datasets", "validate", str(good), "--model", str(no_eos))
+    assert out.returncode == 1
+    assert "ERROR: 12 example(s) train no end-of-turn token" in out.stdout
+    assert out.stdout.strip().endswith("refused: a job on this dataset would fail")
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text() + '{"messages": []}\n')
+    out = finetune("datasets", "validate", str(bad))
+    assert out.returncode == 1 and "line 13: 'messages' must be a non-empty list" in out.stderr
+
+
+@pytest.mark.slow
+def test_upload_then_report_for_a_base(service, tmp_path):
+    svc, client = service
+    rows = [chat(("user", "hi"), ("assistant", "Yes"))] * 12
+    path = write_jsonl(tmp_path / "cli.jsonl", rows)
+    env = {"FINETUNE_ADDR": svc.addr, "FINETUNE_API_KEY": client.metadata[0][1].split()[-1]}
+    out = finetune("datasets", "upload", str(path), "--base-model", "no-eos", "-q", env=env)
+    assert out.returncode == 1, out.stderr
+    assert "12 rows" in out.stdout and "never learn to stop" in out.stdout
+    assert "cli" in [d.name for d in client.list_datasets()]  # stored: only a job would fail

@@ -129,6 +129,12 @@ def _serve_parser(sub: Any) -> None:
         help="largest accepted upload (env FINETUNE_MAX_UPLOAD_BYTES)",
     )
     s.add_argument(
+        "--min-examples",
+        type=int,
+        default=int(_env("MIN_EXAMPLES", "10")),
+        help="fewest examples a dataset may hold (env FINETUNE_MIN_EXAMPLES)",
+    )
+    s.add_argument(
         "--max-lora-rank",
         type=int,
         default=int(_env("MAX_LORA_RANK", "64")),
@@ -184,9 +190,34 @@ def _datasets_parser(sub: Any) -> None:
     a.add_argument("file", type=Path)
     a.add_argument("--name", help="dataset name (default: the file's stem)")
     a.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    a.add_argument(
+        "--base-model",
+        help="then print the report a job on this base would compute (ValidateDataset)",
+    )
     _client_args(a)
     a = dsub.add_parser("list", help="your datasets, as a table")
     _client_args(a)
+    a = dsub.add_parser(
+        "validate",
+        help="check a file offline, as an upload (and, with --model, a job) would",
+        description="Check a JSONL or Parquet file on this machine, before uploading it: "
+        "every line as the upload does, and with --model (a local base model folder) the "
+        "report a job computes with that model's tokenizer and chat template: tokens per "
+        "example, truncation, the share of tokens with loss, EOS among the labels, steps. "
+        "Exit 0 when a job would accept it, 1 when not.",
+    )
+    a.add_argument("file", type=Path)
+    a.add_argument("--model", type=Path, help="local base model folder (tokenizer + template)")
+    a.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a hyperparameter as the job would get it (max_seq_len, batch_size, ...)",
+    )
+    a.add_argument("--eval-fraction", type=float, default=0.0, help="share held out for eval")
+    a.add_argument("--min-examples", type=int, default=10, help="as the service's flag")
+    a.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     for name, hlp in (("get", "one dataset"), ("delete", "delete a dataset")):
         a = dsub.add_parser(name, help=hlp)
         a.add_argument("id", help="dataset id (ds-...)")
@@ -330,6 +361,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         vllm_admin_key=args.vllm_admin_key,
         tenants_file=Path(args.tenants_file) if args.tenants_file else None,
         max_upload_bytes=args.max_upload_bytes,
+        min_examples=args.min_examples,
         max_lora_rank=args.max_lora_rank,
         devices=args.devices,
         gpu_memory_budget=args.gpu_memory_budget,
@@ -388,7 +420,54 @@ def datasets_upload(c: Any, args: argparse.Namespace) -> int:
     ) as bar:
         ds = c.upload_dataset(path, args.name or path.stem, bar.update)
     _emit(args, ds, f"{ds.id}\t{ds.name}\t{ds.num_rows} rows\tsha256 {ds.sha256}")
+    if args.base_model:
+        from trainer import convert
+
+        report = convert.report_of(c.validate_dataset(ds.id, args.base_model))
+        print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+        return EXIT_OK if report.ok else EXIT_REFUSED
     return EXIT_OK
+
+
+def datasets_validate(args: argparse.Namespace) -> int:
+    """Offline: the upload's checks, then (with --model) the job's report."""
+    from trainer.config import EvalSplit, JobSpec
+    from trainer.examples import scan
+
+    path = _readable_file(args.file)
+    found = scan(path, args.min_examples)
+    if args.model is None:
+        summary = {"format": found.format, "file_type": found.file_type, "examples": found.examples}
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            print(f"{path.name}: {found.examples} {found.format} examples ({found.file_type}): ok")
+        return EXIT_OK
+    from trainer.report import for_spec, load_tokenizer
+
+    if not (args.model / "config.json").is_file():
+        raise UsageError(f"{args.model}: not a model folder (no config.json)")
+    from finetune.v1 import trainer_pb2 as pb
+    from trainer import convert
+
+    hp = _set_items(args.set, _hyperparameter_fields())
+    cfg = convert.job_config(pb.Hyperparameters(**hp)).validate()
+    split = EvalSplit(fraction=args.eval_fraction).validate()
+    spec = JobSpec(
+        job_id="local",
+        base_model=args.model.name,
+        base_model_path=str(args.model),
+        dataset_path=str(path),
+        output_dir="",
+        checkpoint_dir="",
+        config=cfg,
+        dataset_format=found.format,
+        dataset_examples=found.examples,
+        eval_fraction=split.fraction,
+    )
+    report = for_spec(spec, load_tokenizer(args.model), packing=False, keep=False).report
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    return EXIT_OK if report.ok else EXIT_REFUSED
 
 
 def datasets_list(c: Any, args: argparse.Namespace) -> int:
@@ -458,6 +537,19 @@ def _hp_value(field: Any, raw: Any) -> Any:
     return raw
 
 
+def _set_items(items: list[str], fields: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameters from ``--set KEY=VALUE`` flags."""
+    hp: dict[str, Any] = {}
+    for kv in items:
+        key, sep, raw = kv.partition("=")
+        if not sep:
+            raise UsageError(f"--set {kv!r} is not KEY=VALUE")
+        if key not in fields:
+            raise _unknown(key, list(fields))
+        hp[key] = _hp_value(fields[key], raw)
+    return hp
+
+
 def job_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """(job settings, hyperparameters) from --config, then flags and --set (flags win)."""
     fields = _hyperparameter_fields()
@@ -485,13 +577,7 @@ def job_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
     for key in ("base_model", "dataset", "adapter", "validation_dataset", "eval_fraction"):
         if getattr(args, key) is not None:
             job[key] = getattr(args, key)
-    for kv in args.set:
-        key, sep, raw = kv.partition("=")
-        if not sep:
-            raise UsageError(f"--set {kv!r} is not KEY=VALUE")
-        if key not in fields:
-            raise _unknown(key, list(fields))
-        hp[key] = _hp_value(fields[key], raw)
+    hp.update(_set_items(args.set, fields))
     missing = [k for k in ("base_model", "dataset", "adapter") if not job.get(k)]
     if missing:
         flags = ", ".join("--" + k.replace("_", "-") for k in missing)
@@ -709,6 +795,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "tenant":
             return cmd_tenant(args)
+        if args.command == "datasets" and args.action == "validate":
+            return datasets_validate(args)
         if not args.api_key:
             raise UsageError("an API key is needed (--api-key or FINETUNE_API_KEY)")
         if args.command == "chat":

@@ -81,6 +81,26 @@ class TrainerClient:
     def delete_dataset(self, dataset_id: str) -> None:
         self._call(self.stub.DeleteDataset, pb.DeleteDatasetRequest(id=dataset_id))
 
+    def validate_dataset(
+        self,
+        dataset_id: str,
+        base_model: str,
+        *,
+        validation_dataset_id: str | None = None,
+        eval_fraction: float | None = None,
+        **hyperparameters: Any,
+    ) -> pb.DatasetReport:
+        """What a job on this dataset and base would train; nothing is started or stored."""
+        req = pb.ValidateDatasetRequest(
+            dataset_id=dataset_id,
+            base_model=base_model,
+            hyperparameters=pb.Hyperparameters(**hyperparameters),
+            validation_dataset_id=validation_dataset_id or "",
+        )
+        if eval_fraction is not None:
+            req.eval_fraction = eval_fraction
+        return self.stub.ValidateDataset(req, metadata=self.metadata, timeout=None)
+
     # ------------------------------------------------------------ jobs
     def create_job(
         self,

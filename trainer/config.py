@@ -223,5 +223,7 @@ class ServiceConfig:
             self.tenants_file = self.data_dir / "tenants.json"
         if self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank {self.max_lora_rank} is not one of {VLLM_LORA_RANKS}")
+        if self.min_examples < 1:
+            raise ValueError(f"min_examples {self.min_examples} is not at least 1")
         if self.gpu_memory_budget is not None and not 0 < self.gpu_memory_budget <= 1:
             raise ValueError(f"gpu_memory_budget {self.gpu_memory_budget} is not in (0, 1]")

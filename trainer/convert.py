@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from finetune.v1 import trainer_pb2 as pb
 from trainer.config import EvalSplit, JobConfig
 from trainer.names import served_name
-from trainer.report import Report
+from trainer.report import Finding, Report
 from trainer.store import AdapterRecord, DatasetRecord, ErrorKind, EventRecord, JobRecord, JobState
 
 _FORMATS = {
@@ -82,6 +82,33 @@ def dataset(rec: DatasetRecord) -> pb.Dataset:
 
 def eval_split(validation_dataset_id: str, fraction: float | None) -> EvalSplit:
     return EvalSplit(validation_dataset_id=validation_dataset_id, fraction=fraction or 0.0)
+
+
+def report_of(msg: pb.DatasetReport) -> Report:
+    """The domain report back from its message (for the command line's text)."""
+    formats = {v: k for k, v in _FORMATS.items()}
+    severities = {v: k for k, v in _SEVERITIES.items()}
+    return Report(
+        format=formats.get(msg.format, ""),
+        examples=msg.examples,
+        eval_examples=msg.eval_examples,
+        tokens_min=msg.tokens.min,
+        tokens_mean=msg.tokens.mean,
+        tokens_max=msg.tokens.max,
+        truncated_examples=msg.truncated_examples,
+        truncated_tokens=msg.truncated_tokens,
+        loss_token_share=msg.loss_token_share,
+        all_masked_examples=msg.all_masked_examples,
+        examples_without_eos=msg.examples_without_eos,
+        examples_with_special_tokens=msg.examples_with_special_tokens,
+        total_steps=msg.total_steps,
+        train_tokens=msg.train_tokens,
+        loss_tokens=msg.loss_tokens,
+        findings=[
+            Finding(severities[f.severity], f.code, f.message, f.count, list(f.lines))
+            for f in msg.findings
+        ],
+    )
 
 
 def dataset_report(d: dict[str, Any] | None) -> pb.DatasetReport | None:

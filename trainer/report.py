@@ -215,6 +215,49 @@ class Report:
     def errors(self) -> str:
         return "; ".join(f.message for f in self.findings if f.severity == "error")
 
+    def summary(self) -> str:
+        """One line: what the job will train."""
+        line = (
+            f"dataset: {self.examples} {self.format} examples"
+            + (f" (+{self.eval_examples} eval)" if self.eval_examples else "")
+            + f", {self.tokens_min}/{self.tokens_mean:.0f}/{self.tokens_max} tokens "
+            f"min/mean/max, {self.loss_token_share:.0%} carry loss; {self.total_steps} steps"
+        )
+        problems = [f.message for f in self.findings]
+        return line + ("; " + "; ".join(problems) if problems else "")
+
+    def text(self) -> str:
+        """The report for people, a figure a line, then each finding with its lines."""
+        rows = [
+            ("format", self.format),
+            (
+                "examples",
+                f"{self.examples}"
+                + (f" (+{self.eval_examples} eval)" if self.eval_examples else ""),
+            ),
+            (
+                "tokens per example",
+                f"{self.tokens_min} min, {self.tokens_mean:.1f} mean, {self.tokens_max} max",
+            ),
+            (
+                "truncated",
+                f"{self.truncated_examples} examples, {self.truncated_tokens} tokens cut off",
+            ),
+            ("tokens with loss", f"{self.loss_token_share:.1%}"),
+            (
+                "will train",
+                f"{self.total_steps} steps, {self.train_tokens} tokens "
+                f"({self.loss_tokens} with loss)",
+            ),
+        ]
+        out = [f"{k + ':':<20}{v}" for k, v in rows]
+        for f in self.findings:
+            more = ", ..." if f.count > len(f.lines) else ""
+            where = f" (lines {', '.join(map(str, f.lines))}{more})" if f.lines else ""
+            out.append(f"{f.severity.upper()}: {f.message}{where}")
+        out.append("ok" if self.ok else "refused: a job on this dataset would fail")
+        return "\n".join(out)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"ok": self.ok}
 

@@ -24,6 +24,7 @@ from trainer import curves
 from trainer.config import JobConfig, JobSpec
 from trainer.layout import Layout, write_atomic
 from trainer.publish import AdapterRejected, Publisher
+from trainer.report import Report
 from trainer.store import ErrorKind, EventRecord, JobRecord, JobState, Store
 
 log = logging.getLogger(__name__)
@@ -92,19 +93,6 @@ def job_spec(store: Store, layout: Layout, job: JobRecord, base_path: str) -> Jo
         ),
         eval_fraction=job.eval_fraction,
     )
-
-
-def _report_line(report: dict[str, Any]) -> str:
-    """One line for the event log: what the job will train."""
-    r = report
-    line = (
-        f"dataset: {r['examples']} {r['format']} examples"
-        + (f" (+{r['eval_examples']} eval)" if r.get("eval_examples") else "")
-        + f", {r['tokens_min']}/{r['tokens_mean']:.0f}/{r['tokens_max']} tokens min/mean/max, "
-        f"{r['loss_token_share']:.0%} carry loss; {r['total_steps']} steps"
-    )
-    problems = [f["message"] for f in r.get("findings", [])]
-    return line + ("; " + "; ".join(problems) if problems else "")
 
 
 class Scheduler:
@@ -297,7 +285,7 @@ class Scheduler:
                     await self._event(job.id, state, "progress", progress)
                 elif kind == "report":
                     self.store.update_job(job.id, report=ev["report"])
-                    await self._event(job.id, state, _report_line(ev["report"]))
+                    await self._event(job.id, state, Report.from_dict(ev["report"]).summary())
                 elif kind == "checkpoint":
                     await self._event(job.id, state, f"checkpoint saved at step {ev.get('step')}")
                 elif kind == "done":
