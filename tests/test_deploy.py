@@ -47,6 +47,9 @@ OPTIONAL_ENV = {
     "FINETUNE_TENANT": "client side: act for a tenant with an admin key",
     "FINETUNE_MAX_UPLOAD_BYTES": "a default of 1 GiB",
     "FINETUNE_LOG_LEVEL": "a default of INFO",
+    "FINETUNE_LOG_FORMAT": "a default of text (json: one object a line)",
+    "FINETUNE_MIN_EXAMPLES": "a default of 10",
+    "FINETUNE_OPENAI_URL": "client side: the OpenAI endpoint `finetune chat` talks to",
     "FINETUNE_VLLM_PYTHON": "vLLM runs under the launcher's own python",
     "FINETUNE_MODEL_PATH": "set by the launcher for vLLM's processes (checked below)",
 }
