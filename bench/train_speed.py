@@ -314,9 +314,10 @@ def apply_variant(model, variant: str) -> dict:
     ``fast`` is everything on; ``-nopack``, ``-nofuse``, ``-nooffload``, ``-nocompile``,
     ``-gpuembed``, ``-hostgather`` (host embeddings gathered on the host, not mapped),
     ``-addmm`` (the LoRA layer as PEFT modules + one ``addmm``, not one autograd node),
-    ``-nolean`` (the recompute runs the down projection too) and ``-nansync`` (the
-    Trainer's per-micro-step NaN check) turn one piece off each; ``-drop0`` sets LoRA
-    dropout to 0.
+    ``-nolean`` (the recompute runs the down projection too), ``-noreplay`` (the
+    recompute runs the attention and q/k/v again instead of replaying what the forward
+    parked) and ``-nansync`` (the Trainer's per-micro-step NaN check) turn one piece off
+    each; ``-drop0`` sets LoRA dropout to 0.
     """
     import sys
 
@@ -370,6 +371,8 @@ def apply_variant(model, variant: str) -> dict:
                 module._bench_dropout = module.lora_dropout["default"]
             drop = torch.nn.Identity() if "drop0" in flags else module._bench_dropout
             module.lora_dropout["default"] = drop
+        if hasattr(module, "_fastpath_replay"):
+            module._fastpath_replay = "noreplay" not in flags
     cfg = fastpath.FastPathConfig(varlen_attention=pack, sync_free_steps="nansync" not in flags)
     return cfg.sft_args()
 

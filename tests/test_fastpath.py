@@ -215,43 +215,69 @@ def test_fused_lora_layer_matches_peft(tiny_model_dir, dropout):
         _layer_matches_peft(layer, x, dropout)
 
 
-def test_lean_recompute_skips_the_down_projection_and_changes_no_gradient(
-    tiny_model_dir, monkeypatch
-):
-    """The recompute skips the down projection's GEMM (its output only feeds the layer
-    output); the loss and every LoRA gradient are bit-identical without the skip."""
-    model = _load(tiny_model_dir, fast=True).train()
+def _lean_and_replay_runs(model, monkeypatch, device="cpu"):
+    """Loss, LoRA gradients and dequantisations with (lean + replay), (lean), (neither)."""
     downs = [m for n, m in model.named_modules() if n.endswith("mlp.down_proj")]
+    attns = [m for n, m in model.named_modules() if n.endswith("self_attn")]
     assert len(downs) == 2 and all(d._fastpath_output_unused for d in downs)
+    assert len(attns) == 2 and all(
+        a._fastpath_replay and a.q_proj._fastpath_replayed for a in attns
+    )
     for layer in model.modules():
         if hasattr(layer, "lora_dropout"):
             layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
-    ids, pos, labels = _pack(_examples([9, 14, 5], seed=6))
+    ids, pos, labels = (t.to(device) for t in _pack(_examples([9, 14, 5], seed=6)))
     dequantised = []
     real = fastpath._base_weight
     monkeypatch.setattr(
         fastpath, "_base_weight", lambda base, dt: dequantised.append(base) or real(base, dt)
     )
     runs = []
-    for lean in (True, False):
+    for lean, replay in ((True, True), (True, False), (False, False)):
         for d in downs:
             d._fastpath_output_unused = lean
+        for a in attns:
+            a._fastpath_replay = replay
         dequantised.clear()
         torch.manual_seed(11)
         loss = model(input_ids=ids, position_ids=pos, labels=labels).loss
         loss.backward()
         runs.append((loss.detach(), _lora_grads(model), len(dequantised)))
         model.zero_grad(set_to_none=True)
-    (loss_lean, g_lean, n_lean), (loss_full, g_full, n_full) = runs
-    assert n_full - n_lean == len(downs)  # one dequantisation (and GEMM) fewer a layer
-    assert torch.equal(loss_lean, loss_full)
-    assert torch.equal(g_lean, g_full)
+    return runs
+
+
+def test_lean_recompute_and_attention_replay_change_no_gradient(tiny_model_dir, monkeypatch):
+    """The recompute skips the down projection's GEMM (its output only feeds the layer
+    output) and, with the attention parked in the forward and replayed, the q/k/v GEMMs;
+    the loss and every LoRA gradient are bit-identical to the full recompute."""
+    model = _load(tiny_model_dir, fast=True).train()
+    runs = _lean_and_replay_runs(model, monkeypatch)
+    (loss_all, g_all, n_all), (loss_lean, g_lean, n_lean), (loss_full, g_full, n_full) = runs
+    assert n_full - n_lean == 2  # one dequantisation (and GEMM) fewer in each of 2 layers
+    assert n_lean - n_all == 3 * 2  # and q, k and v's too
+    assert torch.equal(loss_all, loss_full) and torch.equal(loss_lean, loss_full)
+    assert torch.equal(g_all, g_full) and torch.equal(g_lean, g_full)
 
 
 def test_sft_args_leave_the_gpu_queue_alone():
     args = fastpath.FastPathConfig().sft_args()
     assert args["logging_nan_inf_filter"] is False and args["gradient_checkpointing"] is False
     assert "logging_nan_inf_filter" not in fastpath.FastPathConfig(sync_free_steps=False).sft_args()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_lean_recompute_and_flash_replay(tiny_model_dir, monkeypatch):
+    """On CUDA (offloaded checkpoints, FlashAttention replayed from parked tensors): the
+    same loss and gradients as the full recompute, within FlashAttention's atomics."""
+    model = _load(tiny_model_dir, fast=True, device="cuda").train()
+    runs = _lean_and_replay_runs(model, monkeypatch, device="cuda")
+    (loss_all, g_all, n_all), (loss_lean, g_lean, n_lean), (loss_full, g_full, n_full) = runs
+    assert (n_full - n_lean, n_lean - n_all) == (2, 6)
+    for loss, g in ((loss_all, g_all), (loss_lean, g_lean)):
+        torch.testing.assert_close(loss, loss_full, rtol=1e-3, atol=0)
+        assert ((g - g_full).norm() / g_full.norm()).item() < 1e-2
 
 
 @pytest.mark.gpu

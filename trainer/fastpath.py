@@ -50,6 +50,7 @@ import itertools
 import sys
 import types
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,14 @@ class FastPathConfig:
         metadata={
             "help": "In a layer's recompute, skip the down projection's GEMM (its output "
             "only feeds the layer output, which the backward never reads)."
+        },
+    )
+    replay_attention: bool = field(
+        default=True,
+        metadata={
+            "help": "Park each layer's attention inputs, output and log-sum-exp in host "
+            "memory with its checkpoint: the recompute skips the q/k/v GEMMs and the "
+            "attention forward."
         },
     )
     sync_free_steps: bool = field(
@@ -206,13 +215,85 @@ def varlen_attention_forward(
     if cu is None or dropout:
         return _padded_attention(query, key, value, attention_mask, dropout, scaling)
     assert max_len is not None
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+    flash = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+    replay = _RECOMPUTE["replay"]
+    if replay:  # a recompute: this layer's attention was parked in its forward
+        parked, meta = replay.popleft()
+        out = _AttentionReplay.apply(query, key, value, cu, int(max_len), scaling, meta, *parked)
+        return out, None
+    current = _LAST["current"]
+    park = current is not None and getattr(module, "_fastpath_replay", False)
+    if flash:
         q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
-        out = _FlashVarlen.apply(q, k, v, cu.to(torch.int32), int(max_len), scaling)
+        cu32 = cu.to(torch.int32)
+        if park and not torch.is_grad_enabled():
+            out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+                q, k, v, cu32, cu32, int(max_len), int(max_len), 0.0, True, False, scale=scaling
+            )
+            current.add_replay((q, k, v, out, lse), ("flash", b, s, seed, offset))
+        else:
+            out = _FlashVarlen.apply(q, k, v, cu32, int(max_len), scaling)
         return out.view(b, s, h, d), None
     q, k, v = (t.transpose(0, 1).reshape(t.shape[1], b * s, d) for t in (query, key, value))
     out = _per_example_sdpa(q, k, v, cu, scaling)
+    if park and not torch.is_grad_enabled():
+        current.add_replay((q, k, v, out), ("sdpa", b, s, None, None))
     return out.transpose(0, 1).reshape(b, s, h, d), None
+
+
+class _AttentionReplay(torch.autograd.Function):
+    """A recomputed layer's attention, from what its forward parked: no forward kernel.
+
+    The forward returns the parked output; the backward runs the attention backward on the
+    parked inputs, output and log-sum-exp (on the CPU, per-example SDPA recomputed from
+    the parked inputs). ``query``, ``key`` and ``value`` only connect the graph: their
+    values (the recompute's, never computed) are not read.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, cu, max_len, scale, meta, *parked):  # type: ignore[override]
+        kind, b, s, seed, offset = meta
+        ctx.kind, ctx.b, ctx.s, ctx.seed, ctx.offset = kind, b, s, seed, offset
+        ctx.max_len, ctx.scale = max_len, scale
+        ctx.save_for_backward(cu, *parked)
+        out = parked[3]
+        h, d = query.shape[1], query.shape[3]
+        if kind == "flash":
+            return out.view(b, s, h, d)
+        return out.transpose(0, 1).reshape(b, s, h, d)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        cu, *parked = ctx.saved_tensors
+        b, s = ctx.b, ctx.s
+        if ctx.kind == "flash":
+            q, k, v, out, lse = parked
+            grads = torch.ops.aten._flash_attention_backward(
+                grad.reshape(b * s, *grad.shape[2:]).contiguous(),
+                q,
+                k,
+                v,
+                out,
+                lse,
+                cu.to(torch.int32),
+                cu.to(torch.int32),
+                ctx.max_len,
+                ctx.max_len,
+                0.0,
+                True,
+                ctx.seed,
+                ctx.offset,
+                scale=ctx.scale,
+            )
+            dq, dk, dv = (g.view(b, s, *g.shape[1:]).transpose(1, 2) for g in grads)
+        else:
+            q, k, v, _ = (t.detach().requires_grad_(True) for t in parked)
+            with torch.enable_grad():
+                out = _per_example_sdpa(q, k, v, cu, ctx.scale)
+            grad_out = grad.reshape(b * s, *grad.shape[2:]).transpose(0, 1)
+            grads = torch.autograd.grad(out, (q, k, v), grad_out)
+            dq, dk, dv = (g.reshape(g.shape[0], b, s, g.shape[2]).transpose(0, 1) for g in grads)
+        return (dq, dk, dv, None, None, None, None) + (None,) * len(parked)
 
 
 def _padded_attention(q, k, v, attention_mask, dropout, scale):
@@ -272,53 +353,74 @@ def _add_varlen_kwargs(module, args, kwargs):
 
 
 class _Parked:
-    """One layer input in host memory, and its copy back once prefetched."""
+    """One layer's saved tensors in host memory (its input first), and their copies back.
+
+    Besides the input, a layer's attention can park its inputs, output and log-sum-exp
+    (``add_replay``): the recompute then replays the attention instead of running it.
+    """
 
     def __init__(self, x: torch.Tensor, prev: _Parked | None) -> None:
         self.device, self.prev = x.device, (weakref.ref(prev) if prev is not None else None)
-        self.gpu: torch.Tensor | None = None
+        self.host: list[torch.Tensor] | None = []
+        self.gpu: list[torch.Tensor] | None = None
         self.event: torch.cuda.Event | None = None
         self.done = False
-        self.host: torch.Tensor | None = None
-        if x.is_cuda:
-            stream = _copy_stream(x.device)
-            stream.wait_stream(torch.cuda.current_stream(x.device))
+        self.replays: list[tuple[int, int, tuple]] = []  # (first index, count, meta)
+        self._add((x,))
+
+    def _add(self, tensors: tuple[torch.Tensor, ...]) -> int:
+        assert self.host is not None
+        first = len(self.host)
+        if self.device.type == "cuda":
+            stream = _copy_stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-                self.host.copy_(x, non_blocking=True)
-            x.record_stream(stream)  # keep x's memory until the copy has read it
+                for t in tensors:
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    host.copy_(t, non_blocking=True)
+                    self.host.append(host)
+            for t in tensors:
+                t.record_stream(stream)  # keep t's memory until the copy has read it
         else:
-            self.host = x.detach()  # nothing to offload to: keep it as it is
+            self.host.extend(t.detach() for t in tensors)  # nothing to offload to
+        return first
+
+    def add_replay(self, tensors: tuple[torch.Tensor, ...], meta: tuple) -> None:
+        self.replays.append((self._add(tensors), len(tensors), meta))
 
     def prefetch(self) -> None:
         if self.done or self.gpu is not None or self.host is None or self.device.type != "cuda":
             return
         stream = _copy_stream(self.device)
         with torch.cuda.stream(stream):
-            self.gpu = self.host.to(self.device, non_blocking=True)
+            self.gpu = [t.to(self.device, non_blocking=True) for t in self.host]
             self.event = torch.cuda.Event()
             self.event.record(stream)
 
-    def take(self) -> torch.Tensor:
+    def take(self) -> tuple[torch.Tensor, deque]:
+        """The layer input and a queue of (parked attention tensors, meta), on the device."""
         if self.device.type != "cuda":
             assert self.host is not None
-            self.done = True
-            return self.host
-        self.prefetch()
-        assert self.gpu is not None and self.event is not None
-        current = torch.cuda.current_stream(self.device)
-        current.wait_event(self.event)
-        self.gpu.record_stream(current)
-        x, self.gpu, self.done, self.host = self.gpu, None, True, None
-        prev = self.prev() if self.prev is not None else None
-        if prev is not None:
-            prev.prefetch()  # the backward runs layers in reverse: the one before is next
-        return x
+            saved, self.host, self.done = self.host, None, True
+        else:
+            self.prefetch()
+            assert self.gpu is not None and self.event is not None
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self.event)
+            for t in self.gpu:
+                t.record_stream(current)
+            saved, self.gpu, self.done, self.host = self.gpu, None, True, None
+            prev = self.prev() if self.prev is not None else None
+            if prev is not None:
+                prev.prefetch()  # the backward runs layers in reverse: the one before is next
+        replays = deque((tuple(saved[i : i + n]), meta) for i, n, meta in self.replays)
+        return saved[0], replays
 
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-_LAST: dict[str, Any] = {"parked": None}
-_RECOMPUTE: dict[str, bool] = {"on": False}
+_LAST: dict[str, Any] = {"parked": None, "current": None}
+# "on" while a layer is recomputed; "replay" holds its parked attention calls, in order.
+_RECOMPUTE: dict[str, Any] = {"on": False, "replay": None}
 
 
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
@@ -338,12 +440,16 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.rng_cpu = torch.get_rng_state()
         ctx.rng_dev = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         ctx.parked = _Parked(x, _LAST["parked"])
-        _LAST["parked"] = ctx.parked
-        return run(x)
+        _LAST["parked"] = _LAST["current"] = ctx.parked
+        try:
+            return run(x)
+        finally:
+            _LAST["current"] = None
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x = ctx.parked.take().detach().requires_grad_(True)
+        x, replays = ctx.parked.take()
+        x = x.detach().requires_grad_(True)
         ctx.parked = None
         dev = x.device
         devices = [dev.index] if dev.type == "cuda" else []
@@ -353,11 +459,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 torch.cuda.set_rng_state(ctx.rng_dev, dev)
             enabled, dtype = ctx.autocast
             _RECOMPUTE["on"] = True  # the layer's output value itself goes unused now
+            _RECOMPUTE["replay"] = replays
             try:
                 with torch.enable_grad(), torch.autocast(dev.type, dtype=dtype, enabled=enabled):
                     out = ctx.run(x)
             finally:
-                _RECOMPUTE["on"] = False
+                _RECOMPUTE["on"], _RECOMPUTE["replay"] = False, None
+            if replays:
+                raise RuntimeError("a parked attention call was not replayed")
         torch.autograd.backward(out, grad)
         return None, x.grad
 
@@ -417,6 +526,10 @@ def prepare_model(model, cfg: FastPathConfig | None = None):
         model.get_decoder().register_forward_pre_hook(_add_varlen_kwargs, with_kwargs=True)
     if cfg.gradient_checkpointing:
         _install_checkpointing(model, cfg.offload_checkpoints)
+    if cfg.replay_attention and cfg.varlen_attention:
+        for layer in model.modules():
+            if type(layer).__name__ in _RESIDUAL_MLP_LAYERS and hasattr(layer, "self_attn"):
+                layer.self_attn._fastpath_replay = True
     model.config.use_cache = False
     return model
 
@@ -433,10 +546,18 @@ def fuse_lora(peft_model, cfg: FastPathConfig | None = None):
             layer: Any = module
             layer._fastpath_forward = layer.forward
             layer.forward = types.MethodType(_fused_lora_forward, layer)
-        if cfg.lean_recompute and type(module).__name__ in _RESIDUAL_MLP_LAYERS:
-            down = getattr(getattr(module, "mlp", None), "down_proj", None)
-            if isinstance(down, LoraLayer):
-                setattr(down, "_fastpath_output_unused", True)  # noqa: B010
+        if type(module).__name__ not in _RESIDUAL_MLP_LAYERS:
+            continue
+        down = getattr(getattr(module, "mlp", None), "down_proj", None)
+        if cfg.lean_recompute and isinstance(down, LoraLayer):
+            setattr(down, "_fastpath_output_unused", True)  # noqa: B010
+        attn = getattr(module, "self_attn", None)
+        if getattr(attn, "_fastpath_replay", False):
+            # A replayed attention reads its parked inputs: the recomputed q, k, v go unused.
+            for name in ("q_proj", "k_proj", "v_proj"):
+                proj = getattr(attn, name, None)
+                if isinstance(proj, LoraLayer):
+                    setattr(proj, "_fastpath_replayed", True)  # noqa: B010
     return peft_model
 
 
@@ -466,7 +587,10 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if getattr(self, "_fastpath_autograd", True) and _plain_weight(base) is not None:
         drop = self.lora_dropout[name]
         p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
-        skip = _RECOMPUTE["on"] and getattr(self, "_fastpath_output_unused", False)
+        skip = _RECOMPUTE["on"] and (
+            getattr(self, "_fastpath_output_unused", False)
+            or (bool(_RECOMPUTE["replay"]) and getattr(self, "_fastpath_replayed", False))
+        )
         scaling = self.scaling[name]
         return _LoraLinear.apply(x, lora_A.weight, lora_B.weight, base, scaling, p, skip)
     result = base(x)
@@ -503,11 +627,38 @@ def _base_weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
     weight = base.weight
     if getattr(weight, "quant_state", None) is None:
         return weight.detach().to(dtype)
-    import bitsandbytes.functional as bnbf
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     fix_4bit_weight_quant_state_from_module(base)  # as bitsandbytes' own forward does
-    return bnbf.dequantize_4bit(base.weight, base.weight.quant_state).to(dtype)
+    state = base.weight.quant_state
+    # bitsandbytes.functional.dequantize_4bit, minus its per-call checks and wrappers.
+    absmax = state.absmax
+    if state.nested:
+        inner = state.state2
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            absmax, inner.absmax, inner.code, inner.blocksize, inner.dtype
+        )
+        absmax = (absmax + state.offset).float()
+    return torch.ops.bitsandbytes.dequantize_4bit.default(
+        base.weight, absmax, state.blocksize, state.quant_type, state.shape, dtype
+    )
+
+
+def _masked_add(acc: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, scale: float):
+    """``acc + grad * mask * scale``: a dropout backward added into an input gradient."""
+    return acc + grad * mask * scale
+
+
+def _add_dropout_grad(acc, grad, mask, scale: float) -> torch.Tensor:
+    """``acc + grad * mask * scale``, compiled into one kernel on CUDA: there ``addcmul_``
+    with a bool mask takes a slow dtype-casting kernel (2.5x the bytes' time)."""
+    compiled = _COMPILED.get("masked_add") if acc.is_cuda else None
+    if compiled is not None:
+        try:
+            return compiled(acc, grad, mask, scale)
+        except Exception:  # a compiler failure costs speed, never the job
+            _COMPILED.pop("masked_add", None)
+    return acc.addcmul_(grad, mask, value=scale)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -565,7 +716,7 @@ class _LoraLinear(torch.autograd.Function):
             if mask is None:
                 grad_x.addmm_(g_low, a)
             else:
-                grad_x.addcmul_(torch.mm(g_low, a), mask, value=1.0 / (1.0 - ctx.p))
+                grad_x = _add_dropout_grad(grad_x, torch.mm(g_low, a), mask, 1.0 / (1.0 - ctx.p))
             grad_x = grad_x.view(ctx.shape).to(ctx.x_dtype)
         da, db = ctx.ab_dtypes
         grad_a = grad_a.to(da) if grad_a is not None else None
@@ -677,6 +828,7 @@ def compile_elementwise(model) -> None:
     if not _COMPILED:
         _COMPILED["rms"] = torch.compile(_rms_norm, dynamic=True)
         _COMPILED["silu_mul"] = torch.compile(_silu_mul, dynamic=True)
+        _COMPILED["masked_add"] = torch.compile(_masked_add, dynamic=True)
     for module in model.modules():
         name = type(module).__name__
         if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
