@@ -83,6 +83,14 @@ def test_the_png_says_what_it_plots(tmp_path):
     assert curves.finish(tmp_path / "other") is None
 
 
+def test_a_plot_that_cannot_be_drawn_does_not_raise(tmp_path, caplog):
+    c = curves.JobCurves(tmp_path)
+    c.record({"step": 1, "loss": 1.0})
+    (c.folder / curves.PLOT_FILE).mkdir()  # the PNG's place is taken: the write fails
+    assert curves.finish(tmp_path, "job-x") is None
+    assert "could not be drawn" in caplog.text
+
+
 def test_sparkline():
     assert sparkline([]) == ""
     assert sparkline([1, 2, 3, 4, 5, 6, 7, 8]) == SPARKS

@@ -21,6 +21,7 @@ TFRecord of ``Event`` protos (``file_version`` first, then one ``Summary`` of
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import struct
@@ -28,6 +29,8 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 CURVES = "curves"
 METRICS_FILE = "metrics.jsonl"
@@ -366,11 +369,17 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def finish(job_dir: Path, title: str = "", into: Path | None = None) -> Path | None:
-    """Draw the job's plot from its recorded metrics; copy the curves into ``into``."""
-    curves = JobCurves(job_dir)
-    if not (curves.folder / METRICS_FILE).exists():
+    """Draw the job's plot from its recorded metrics; copy the curves into ``into``.
+
+    Never raises: a plot that cannot be drawn must not fail the job it describes."""
+    try:
+        curves = JobCurves(job_dir)
+        if not (curves.folder / METRICS_FILE).exists():
+            return None
+        png = curves.render(title)
+        if into is not None and into.is_dir():
+            curves.copy_into(into)
+        return png
+    except Exception:
+        log.exception("the curves of %s could not be drawn", job_dir.name)
         return None
-    png = curves.render(title)
-    if into is not None and into.is_dir():
-        curves.copy_into(into)
-    return png
