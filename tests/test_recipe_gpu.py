@@ -42,6 +42,10 @@ def test_gpu_jobs_take_the_fast_path_and_learn(gpu_job, tiny_model_dir):
     assert done["event"] == "done" and done["metrics"]["device"] == "cuda"
     losses = [e["loss"] for e in events if e["event"] == "progress"]
     assert losses[-1] < losses[0] / 10
+    # The report counted the packed rows: it said beforehand how many steps there would be.
+    report = next(e["report"] for e in events if e["event"] == "report")
+    totals = {e["total_steps"] for e in events if e["event"] == "progress"}
+    assert totals == {report["total_steps"]}
     # The adapter is a plain PEFT LoRA that answers on the bf16 base, as vLLM serves it.
     tok = AutoTokenizer.from_pretrained(spec.output_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)

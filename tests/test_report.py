@@ -420,3 +420,25 @@ def test_upload_then_report_for_a_base(service, tmp_path):
     assert out.returncode == 1, out.stderr
     assert "12 rows" in out.stdout and "never learn to stop" in out.stdout
     assert "cli" in [d.name for d in client.list_datasets()]  # stored: only a job would fail
+
+
+def test_packed_steps_match_trl_packing(tok, ends):
+    """On a GPU the job packs rows (TRL's bfd, per batch of 1000); the report's step count
+    is what TRL's packing of the rows the job hands it gives (all-masked rows left out)."""
+    from trl.data_utils import pack_dataset
+
+    from trainer.recipe import rows_dataset
+
+    rng = __import__("random").Random(0)
+    rows = [
+        chat(
+            ("user", "tell me " * rng.randint(1, 30)), ("assistant", "banana " * rng.randint(1, 20))
+        )
+        for _ in range(1500)
+    ]
+    cfg = JobConfig(max_seq_len=96, batch_size=4, gradient_accumulation_steps=2, num_epochs=1)
+    out = build("messages", enumerate(rows, 1), tok, cfg, ends=ends, packing=True, keep=True)
+    assert out.report.all_masked_examples > 0  # some prompts fill max_seq_len alone
+    assert len(out.train) == 1500 - out.report.all_masked_examples
+    packed = pack_dataset(rows_dataset(out.train), cfg.max_seq_len, "bfd")
+    assert out.report.total_steps == optimizer_steps(len(packed), cfg)

@@ -41,6 +41,7 @@ from trainer.examples import FORMATS, LineError, Row, examples, scan
 
 LINES_LISTED = 10
 BATCH_ROWS = 256  # examples per call into the tokenizer
+PACK_BATCH_ROWS = 1000  # TRL packs each batch of its dataset.map (default batch_size) apart
 
 
 @dataclass
@@ -371,6 +372,13 @@ def build(
                 yield pos, line, row, t
                 pos += 1
 
+    def held_out(t: Tokens) -> None:
+        """An eval example; one with no loss within max_seq_len would only add noise."""
+        if any(x != -100 for x in t.labels[:limit]):
+            rep.eval_examples += 1
+            if keep:
+                out.eval.append(t)
+
     for pos, line, row, t in tokenized(rows):
         if t is None:
             continue
@@ -379,9 +387,7 @@ def build(
         if t.turns_without_end:
             no_eos.add(line)
         if eval_at is not None and pos in eval_at:
-            rep.eval_examples += 1
-            if keep:
-                out.eval.append(t)
+            held_out(t)
             continue
         n = len(t.input_ids)
         rep.examples += 1
@@ -393,7 +399,7 @@ def build(
             rep.truncated_tokens += n - limit
         kept_loss = sum(1 for x in t.labels[:limit] if x != -100)
         if kept_loss == 0:
-            masked.add(line)  # TRL drops it: it would add nothing but padding
+            masked.add(line)  # left out of the job's rows: it adds nothing but padding
             continue
         trained += min(n, limit)
         loss += kept_loss
@@ -402,11 +408,9 @@ def build(
             out.train.append(t)
     for _, line, _, t in tokenized(eval_rows):
         if t is not None:
-            rep.eval_examples += 1
             if t.turns_without_end:
                 no_eos.add(line)
-            if keep:
-                out.eval.append(t)
+            held_out(t)
     if bad:
         raise InvalidArgument("dataset", "; ".join(bad))
 
@@ -418,7 +422,14 @@ def build(
     rep.loss_tokens = round(loss * cfg.num_epochs)
     rep.train_tokens = round(trained * cfg.num_epochs)
     rep.loss_token_share = loss / trained if trained else 0.0
-    rows_trained = count_packed_rows(lengths, limit) if packing else len(lengths)
+    rows_trained = (
+        sum(
+            count_packed_rows(lengths[i : i + PACK_BATCH_ROWS], limit)
+            for i in range(0, len(lengths), PACK_BATCH_ROWS)
+        )
+        if packing
+        else len(lengths)
+    )
     rep.total_steps = optimizer_steps(rows_trained, cfg) if rows_trained else 0
     rep.findings = _findings(rep, tok, ends, specials, truncated, masked, no_eos, special, limit)
     return out
