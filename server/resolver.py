@@ -21,7 +21,7 @@ from pathlib import Path
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH
+from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, lora_cpu_fix, orphans
 from server.adapters import find
 from trainer.layout import Layout
 
@@ -70,6 +70,10 @@ def register() -> None:
     data_dir = os.environ.get(ENV_DATA_DIR)
     if not data_dir:
         return
+    # Before any batch runs: base-model rows must not borrow another tenant's adapter.
+    lora_cpu_fix.install()
+    # A SIGKILLed API server must not leave its engine processes running.
+    orphans.install()
     for name in _FOREIGN_RESOLVER_ENV:
         if os.environ.get(name):
             log.warning("%s is set: vLLM's own resolver is active beside ours", name)
