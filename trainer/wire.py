@@ -9,6 +9,7 @@ key: UNAUTHENTICATED, as for any request), then the call is refused INVALID_ARGU
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
@@ -83,6 +84,18 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
             return handler._replace(request_deserializer=tolerant, unary_unary=unary_unary)
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
+            if not inspect.isasyncgenfunction(inner_us):  # streams with context.write
+
+                async def unary_stream_writer(
+                    request: Any, context: grpc.aio.ServicerContext
+                ) -> Any:
+                    if isinstance(request, Undecodable):
+                        await guard._refuse(context, what)
+                    await inner_us(request, context)
+
+                return handler._replace(
+                    request_deserializer=tolerant, unary_stream=unary_stream_writer
+                )
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 if isinstance(request, Undecodable):
