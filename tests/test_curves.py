@@ -5,6 +5,7 @@ Fast: no service, no training (tests/test_cli.py checks all of it on a real run)
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -12,8 +13,9 @@ import struct
 
 from PIL import Image
 
+from finetune.v1 import trainer_pb2 as pb
 from trainer import curves
-from trainer.console import SPARKS, sparkline
+from trainer.console import SPARKS, WatchView, sparkline
 from trainer.logs import JsonFormatter
 
 
@@ -111,3 +113,41 @@ def test_json_log_lines_carry_the_extra_fields():
     assert line["message"] == "job j RUNNING"
     assert (line["job_id"], line["tenant"], line["state"]) == ("job-1", "acme", "RUNNING")
     assert line["level"] == "INFO" and line["time"].endswith("Z")
+
+
+def _progress_event(step: int, total: int, **fields: float) -> pb.JobEvent:
+    ev = pb.JobEvent(job_id="job-1", state=pb.JOB_STATE_RUNNING, message="progress")
+    ev.progress.step, ev.progress.total_steps = step, total
+    for k, v in fields.items():
+        setattr(ev.progress, k, v)
+    return ev
+
+
+def test_watch_view_in_a_log_prints_a_line_per_percent_and_per_evaluation():
+    out = io.StringIO()
+    view = WatchView(out, tty=False)
+    view.event(pb.JobEvent(job_id="job-1", state=pb.JOB_STATE_RUNNING, message="loading"))
+    for step in range(1, 1001):
+        extra = {"eval_loss": 1.0 / step} if step % 250 == 0 else {}
+        view.event(_progress_event(step, 1000, loss=10.0 / step, eta_seconds=1000 - step, **extra))
+    view.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("RUNNING    loading")
+    progress = [x for x in lines if x.startswith("step ")]
+    assert 100 <= len(progress) <= 105
+    assert progress[-1].startswith("step 1000/1000 ████████████████████ 100%")
+    assert "eval 0.0010" in progress[-1] and "ETA 0:00" in progress[-1]
+
+
+def test_watch_view_on_a_terminal_redraws_one_line(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "60")
+    out = io.StringIO()
+    view = WatchView(out, tty=True)
+    for step in range(1, 4):
+        view.event(_progress_event(step, 3, loss=1.0 / step, tokens_per_second=1234.0))
+    view.event(pb.JobEvent(job_id="job-1", state=pb.JOB_STATE_SUCCEEDED, message="published"))
+    text = out.getvalue()
+    assert text.count("\r\x1b[K") == 3 and text.count("\n") == 2  # ended, then the state line
+    redraws = text.split("\n")[0].split("\r\x1b[K")[1:]
+    assert all(len(r) <= 59 for r in redraws)
+    assert redraws[-1].startswith("step 3/3")

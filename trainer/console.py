@@ -7,6 +7,7 @@ protobuf messages as JSON itself.
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import textwrap
 import time
@@ -175,7 +176,7 @@ class WatchView:
     """Renders a job's events: one line per state change, a live progress line between.
 
     On a terminal the progress line is redrawn in place; elsewhere (a pipe, a log file)
-    each progress event is a line of its own.
+    progress is a line per 1% of the steps and per evaluation.
     """
 
     def __init__(self, out: TextIO = sys.stdout, tty: bool | None = None, width: int = 24) -> None:
@@ -186,6 +187,7 @@ class WatchView:
         self.losses: dict[int, float] = {}
         self.step = self.total = 0
         self._live = False
+        self._printed = -1
 
     def event(self, ev: pb.JobEvent) -> None:
         if ev.HasField("progress") and (ev.progress.total_steps or ev.progress.step):
@@ -205,10 +207,16 @@ class WatchView:
             self.losses[p.step] = p.loss
         line = self.line()
         if self.tty:
-            self.out.write("\r\x1b[K" + line)
+            columns = shutil.get_terminal_size().columns
+            self.out.write("\r\x1b[K" + line[: columns - 1])  # a wrapped line cannot be redrawn
             self._live = True
         else:
-            self.out.write(line + "\n")
+            # In a log, a line per 1% of the steps, per evaluation, and the last one.
+            evaluated = p.HasField("eval_loss")
+            every = max(1, self.total // 100)
+            if evaluated or self.step >= self.total or self.step - self._printed >= every:
+                self.out.write(line + "\n")
+                self._printed = self.step
         self.out.flush()
 
     def line(self) -> str:
