@@ -36,6 +36,10 @@ and each runs for real on the CPU too, where the tests check it:
 * **Lean recompute.** A Llama-style layer ends in ``residual + down_proj(...)``; when the
   backward recomputes the layer, that output's value is never read, so the down
   projection's GEMM (a quarter of the layer's) is skipped there.
+* **Attention replay.** The forward parks each layer's attention inputs, output and
+  log-sum-exp in host memory beside the layer input (5 GiB a micro-step at 8B x 8192
+  tokens, over the bus while the GPU computes); the recompute runs the attention backward
+  on them, so it skips the attention forward and the q/k/v GEMMs.
 * **No per-micro-step host reads.** ``cu_seqlens`` costs one small copy to the host per
   forward, and the Trainer's NaN filter of the logged loss (a host read after every
   micro-step, which drains the GPU queue) is off.
@@ -391,11 +395,20 @@ class _Parked:
     def prefetch(self) -> None:
         if self.done or self.gpu is not None or self.host is None or self.device.type != "cuda":
             return
-        stream = _copy_stream(self.device)
+        # Allocated from the compute stream's pool, so the blocks are reused there once
+        # freed (a copy-stream pool would hold its own blocks: +3 GiB reserved at 8B);
+        # the copy starts after the compute work queued so far, which may still read the
+        # memory these blocks last held.
+        current, stream = torch.cuda.current_stream(self.device), _copy_stream(self.device)
+        self.gpu = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in self.host]
+        stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            self.gpu = [t.to(self.device, non_blocking=True) for t in self.host]
+            for gpu, host in zip(self.gpu, self.host, strict=True):
+                gpu.copy_(host, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record(stream)
+        for gpu in self.gpu:
+            gpu.record_stream(stream)  # freed early (an aborted step): not before the copy
 
     def take(self) -> tuple[torch.Tensor, deque]:
         """The layer input and a queue of (parked attention tensors, meta), on the device."""
@@ -405,10 +418,7 @@ class _Parked:
         else:
             self.prefetch()
             assert self.gpu is not None and self.event is not None
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(self.event)
-            for t in self.gpu:
-                t.record_stream(current)
+            torch.cuda.current_stream(self.device).wait_event(self.event)
             saved, self.gpu, self.done, self.host = self.gpu, None, True, None
             prev = self.prev() if self.prev is not None else None
             if prev is not None:
@@ -645,12 +655,12 @@ def _base_weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _masked_add(acc: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, scale: float):
-    """``acc + grad * mask * scale``: a dropout backward added into an input gradient."""
-    return acc + grad * mask * scale
+    """``acc += grad * mask * scale``: a dropout backward added into an input gradient."""
+    return acc.add_(grad * mask * scale)
 
 
 def _add_dropout_grad(acc, grad, mask, scale: float) -> torch.Tensor:
-    """``acc + grad * mask * scale``, compiled into one kernel on CUDA: there ``addcmul_``
+    """``acc += grad * mask * scale``, compiled into one kernel on CUDA: there ``addcmul_``
     with a bool mask takes a slow dtype-casting kernel (2.5x the bytes' time)."""
     compiled = _COMPILED.get("masked_add") if acc.is_cuda else None
     if compiled is not None:
