@@ -9,7 +9,7 @@ process so that its peak RSS is its own:
 
     json    json.loads of every line: the floor any JSONL validator pays (the baseline)
     scan    the upload's structural check (trainer.examples.scan)
-    report  scan + the template-aware report of a job (trainer.report, keep=False) with
+    report  scan + the template-aware report of a job (trainer.report, the rows not kept) with
             the tiny model's byte-level BPE tokenizer and chat template
 
 and prints lines/s, MB/s and peak RSS for each, the ratio of scan to the baseline, and
@@ -116,8 +116,8 @@ def stage(name: str, path: Path, model: Path) -> dict:
         t0 = time.perf_counter()  # the tokenizer load is not validation
         fmt = scan(path).format
         rep = build(fmt, examples(path, fmt), tok, JobConfig(), ends=end_token_ids(tok, model))
-        n = rep.report.examples
-        assert rep.report.ok, rep.report.findings
+        n = rep.examples
+        assert rep.ok, rep.findings
     wall = time.perf_counter() - t0
     return {"stage": name, "lines": n, "seconds": wall, "peak_rss_bytes": peak_rss()}
 

@@ -126,12 +126,29 @@ def test_text_trains_on_everything_and_eos(tok, ends):
     assert t.input_ids[-1] == tok.eos_token_id and t.turns_without_end == 0
 
 
+def test_row_file_holds_the_rows(tmp_path, tok, ends):
+    """The Arrow file a job trains from gives back exactly the rows written to it."""
+    from trainer.rows import BATCH_ROWS, RowFile
+
+    rows = [
+        tokenize({"text": f"Hello {i} there"}, "text", tok, ends) for i in range(BATCH_ROWS + 7)
+    ]
+    with RowFile(tmp_path / "rows" / "train.arrow") as f:
+        for r in rows:
+            f.add(r)
+    ds = f.dataset()
+    assert f.rows == len(ds) == len(rows)
+    assert ds["input_ids"] == [r.input_ids for r in rows] and ds["labels"] == [
+        r.labels for r in rows
+    ]
+
+
 def test_trl_trains_on_exactly_these_labels(tiny_model_dir, tok, ends):
     """SFTTrainer's own preparation keeps our labels (it truncates and packs, nothing else)."""
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from trainer.recipe import rows_dataset
+    from trainer.rows import rows_dataset
 
     rows = [
         tokenize(
@@ -158,7 +175,7 @@ def test_template_without_eos_in_the_assistant_turn_is_an_error(tmp_path, tiny_m
     base = with_template(tiny_model_dir, tmp_path / "no-eos", NO_EOS_TEMPLATE)
     tok = load_tokenizer(base)
     rows = [(n, chat(("user", "hi"), ("assistant", "Yes"))) for n in range(1, 4)]
-    report = build("messages", rows, tok, JobConfig(), ends=end_token_ids(tok, base)).report
+    report = build("messages", rows, tok, JobConfig(), ends=end_token_ids(tok, base))
     assert not report.ok and report.examples_without_eos == 3
     [finding] = [f for f in report.findings if f.severity == "error"]
     assert finding.code == "no_eos_in_labels" and finding.lines == [1, 2, 3]
@@ -179,7 +196,7 @@ def test_report_counts_truncation_masking_and_special_tokens(tok, ends):
     assert lengths[0] < 32 < lengths[1] and lengths[2] > 32
     assert all(lab == -100 for lab in tokens[2].labels[:32])
 
-    rep = build("messages", enumerate(rows, start=1), tok, cfg, ends=ends).report
+    rep = build("messages", enumerate(rows, start=1), tok, cfg, ends=ends)
     assert (rep.examples, rep.tokens_min, rep.tokens_max) == (4, min(lengths), max(lengths))
     assert rep.tokens_mean == pytest.approx(sum(lengths) / 4)
     assert rep.truncated_examples == 2 and rep.truncated_tokens == lengths[1] + lengths[2] - 64
@@ -199,7 +216,7 @@ def test_report_counts_truncation_masking_and_special_tokens(tok, ends):
 
 def test_nothing_left_to_train_is_an_error(tok, ends):
     rows = [(1, chat(("user", "tell me a story " * 10), ("assistant", "no")))]
-    rep = build("messages", rows, tok, JobConfig(max_seq_len=16), ends=ends).report
+    rep = build("messages", rows, tok, JobConfig(max_seq_len=16), ends=ends)
     assert not rep.ok and [f.code for f in rep.findings if f.severity == "error"] == [
         "no_loss_tokens"
     ]
@@ -427,7 +444,7 @@ def test_packed_steps_match_trl_packing(tok, ends):
     is what TRL's packing of the rows the job hands it gives (all-masked rows left out)."""
     from trl.data_utils import pack_dataset
 
-    from trainer.recipe import rows_dataset
+    from trainer.rows import rows_dataset
 
     rng = __import__("random").Random(0)
     rows = [
@@ -437,8 +454,11 @@ def test_packed_steps_match_trl_packing(tok, ends):
         for _ in range(1500)
     ]
     cfg = JobConfig(max_seq_len=96, batch_size=4, gradient_accumulation_steps=2, num_epochs=1)
-    out = build("messages", enumerate(rows, 1), tok, cfg, ends=ends, packing=True, keep=True)
-    assert out.report.all_masked_examples > 0  # some prompts fill max_seq_len alone
-    assert len(out.train) == 1500 - out.report.all_masked_examples
-    packed = pack_dataset(rows_dataset(out.train), cfg.max_seq_len, "bfd")
-    assert out.report.total_steps == optimizer_steps(len(packed), cfg)
+    kept = []
+    report = build(
+        "messages", enumerate(rows, 1), tok, cfg, ends=ends, packing=True, train=kept.append
+    )
+    assert report.all_masked_examples > 0  # some prompts fill max_seq_len alone
+    assert len(kept) == 1500 - report.all_masked_examples
+    packed = pack_dataset(rows_dataset(kept), cfg.max_seq_len, "bfd")
+    assert report.total_steps == optimizer_steps(len(packed), cfg)

@@ -465,7 +465,7 @@ def datasets_validate(args: argparse.Namespace) -> int:
         dataset_examples=found.examples,
         eval_fraction=split.fraction,
     )
-    report = for_spec(spec, load_tokenizer(args.model), packing=False, keep=False).report
+    report = for_spec(spec, load_tokenizer(args.model), packing=False)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
     return EXIT_OK if report.ok else EXIT_REFUSED
 
@@ -597,7 +597,10 @@ def jobs_create(c: Any, args: argparse.Namespace) -> int:
     )
     from trainer.console import state_name
 
-    _emit(args, job, f"{job.id}\t{state_name(job.state)}")
+    if args.json and args.watch:  # JSON lines: the job, then each event
+        print(json.dumps(_to_dict(job)), flush=True)
+    else:
+        _emit(args, job, f"{job.id}\t{state_name(job.state)}")
     if args.watch:
         return _watch(c, job.id, args)
     return EXIT_OK

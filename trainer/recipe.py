@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import torch
-from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
@@ -44,7 +43,8 @@ from trainer.config import JobConfig, JobSpec
 from trainer.errors import InvalidArgument
 from trainer.fastpath import FastPathConfig
 from trainer.memory import GIB, ModelShape, estimate_bytes
-from trainer.report import Tokens, for_spec, load_tokenizer
+from trainer.report import for_spec, load_tokenizer
+from trainer.rows import RowFile
 
 
 class UserError(Exception):
@@ -170,13 +170,6 @@ def load_model(path: str, cfg: JobConfig, fast: FastPathConfig | None) -> PeftMo
 # ---------------------------------------------------------------- dataset
 
 
-def rows_dataset(rows: list[Tokens]) -> Dataset:
-    """Pre-tokenized rows as TRL takes them: it truncates, drops all-masked rows, packs."""
-    return Dataset.from_dict(
-        {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]}
-    )
-
-
 # ---------------------------------------------------------------- progress
 
 
@@ -300,16 +293,20 @@ def run(spec: JobSpec, events: EventSink) -> dict[str, Any]:
     tokenizer = load_tokenizer(spec.base_model_path)
     on_gpu = torch.cuda.is_available()
     fast = FastPathConfig() if on_gpu and spec.fast_path else None
-    try:
-        data = for_spec(spec, tokenizer, packing=fast is not None, keep=True)
-    except InvalidArgument as e:
-        raise UserError(str(e).removeprefix("dataset: ")) from e
-    report = data.report
+    # Every example tokenized once, its rows streamed to Arrow files that TRL reads.
+    rows_dir = Path(spec.checkpoint_dir).parent / "rows"
+    with RowFile(rows_dir / "train.arrow") as train, RowFile(rows_dir / "eval.arrow") as held_out:
+        try:
+            report = for_spec(
+                spec, tokenizer, packing=fast is not None, train=train.add, held_out=held_out.add
+            )
+        except InvalidArgument as e:
+            raise UserError(str(e).removeprefix("dataset: ")) from e
     events.emit("report", report=report.to_dict())
     if not report.ok:
         raise UserError(report.errors())
-    dataset = rows_dataset(data.train)
-    eval_dataset = rows_dataset(data.eval) if data.eval else None
+    dataset = train.dataset()
+    eval_dataset = held_out.dataset() if held_out.rows else None
     args = sft_config(cfg, spec, fast, evaluate=eval_dataset is not None)
     if on_gpu:
         check_free_memory(spec, fast is not None)

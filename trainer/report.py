@@ -30,7 +30,7 @@ import math
 import random
 import sys
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,15 +318,6 @@ def eval_positions(examples: int, fraction: float, seed: int) -> set[int]:
     return set(random.Random(seed).sample(range(examples), k))
 
 
-@dataclass
-class Tokenized:
-    """A report and, when asked for, the rows to train and evaluate on."""
-
-    report: Report
-    train: list[Tokens] = field(default_factory=list)
-    eval: list[Tokens] = field(default_factory=list)
-
-
 def build(
     fmt: str,
     rows: Iterable[tuple[int, Row]],
@@ -337,20 +328,20 @@ def build(
     eval_rows: Iterable[tuple[int, Row]] = (),
     eval_at: set[int] | None = None,
     packing: bool = False,
-    keep: bool = False,
-) -> Tokenized:
+    train: Callable[[Tokens], None] | None = None,
+    held_out: Callable[[Tokens], None] | None = None,
+) -> Report:
     """Tokenize every example once and describe what the job will train on.
 
     ``eval_at`` carves those positions out of ``rows`` for evaluation; ``eval_rows`` are
-    a separate validation set. With ``keep`` the tokenized rows are returned too (the
-    job's data); without, memory stays flat in the number of examples but for one int
-    per example when ``packing`` needs the lengths.
+    a separate validation set. ``train`` and ``held_out`` receive the rows a job trains
+    and evaluates on (a ``trainer.rows.RowFile``); memory stays flat in the number of
+    examples but for one int per example for the packed step count.
     """
     kind = FORMATS[fmt].kind
     specials = special_tokens(tok)
     limit = cfg.max_seq_len
-    out = Tokenized(Report(format=fmt))
-    rep = out.report
+    rep = Report(format=fmt)
     truncated, masked, no_eos, special = _Lines(), _Lines(), _Lines(), _Lines()
     lengths = array("l")
     total = trained = loss = 0
@@ -372,12 +363,12 @@ def build(
                 yield pos, line, row, t
                 pos += 1
 
-    def held_out(t: Tokens) -> None:
+    def evaluate_on(t: Tokens) -> None:
         """An eval example; one with no loss within max_seq_len would only add noise."""
         if any(x != -100 for x in t.labels[:limit]):
             rep.eval_examples += 1
-            if keep:
-                out.eval.append(t)
+            if held_out is not None:
+                held_out(t)
 
     for pos, line, row, t in tokenized(rows):
         if t is None:
@@ -387,7 +378,7 @@ def build(
         if t.turns_without_end:
             no_eos.add(line)
         if eval_at is not None and pos in eval_at:
-            held_out(t)
+            evaluate_on(t)
             continue
         n = len(t.input_ids)
         rep.examples += 1
@@ -404,13 +395,13 @@ def build(
         trained += min(n, limit)
         loss += kept_loss
         lengths.append(min(n, limit))
-        if keep:
-            out.train.append(t)
+        if train is not None:
+            train(t)
     for _, line, _, t in tokenized(eval_rows):
         if t is not None:
             if t.turns_without_end:
                 no_eos.add(line)
-            held_out(t)
+            evaluate_on(t)
     if bad:
         raise InvalidArgument("dataset", "; ".join(bad))
 
@@ -432,7 +423,7 @@ def build(
     )
     rep.total_steps = optimizer_steps(rows_trained, cfg) if rows_trained else 0
     rep.findings = _findings(rep, tok, ends, specials, truncated, masked, no_eos, special, limit)
-    return out
+    return rep
 
 
 def _findings(
@@ -519,8 +510,15 @@ def load_tokenizer(path: str | Path) -> Any:
     return tok
 
 
-def for_spec(spec: JobSpec, tok: Any, *, packing: bool, keep: bool) -> Tokenized:
-    """The job's training (and eval) rows and their report, as ``spec`` describes them."""
+def for_spec(
+    spec: JobSpec,
+    tok: Any,
+    *,
+    packing: bool,
+    train: Callable[[Tokens], None] | None = None,
+    held_out: Callable[[Tokens], None] | None = None,
+) -> Report:
+    """The report of the job ``spec`` describes; its rows go to ``train``/``held_out``."""
     path = Path(spec.dataset_path)
     fmt, count = spec.dataset_format, spec.dataset_examples
     if not fmt or not count:
@@ -539,7 +537,8 @@ def for_spec(spec: JobSpec, tok: Any, *, packing: bool, keep: bool) -> Tokenized
         eval_rows=eval_rows,
         eval_at=eval_at,
         packing=packing,
-        keep=keep,
+        train=train,
+        held_out=held_out,
     )
 
 
@@ -554,11 +553,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = JobSpec.from_dict(json.loads(Path(argv[0]).read_text()))
     try:
         tok = load_tokenizer(spec.base_model_path)
-        data = for_spec(spec, tok, packing="--packing" in argv, keep=False)
+        report = for_spec(spec, tok, packing="--packing" in argv)
     except InvalidArgument as e:
         print(json.dumps({"error": str(e)}), flush=True)
         return 1
-    print(json.dumps({"report": data.report.to_dict()}), flush=True)
+    print(json.dumps({"report": report.to_dict()}), flush=True)
     return 0
 
 
