@@ -295,6 +295,7 @@ def run(svc, tmp_path_factory):
         queue_seen = scrape(service.metrics_url)
         cancel = finetune("jobs", "cancel", bolt_job, key=keys["bolt"], addr=addr)
         watch_cancelled = finetune("jobs", "watch", bolt_job, key=keys["bolt"], addr=addr)
+        watch_json = finetune("jobs", "watch", bolt_job, "--json", key=keys["bolt"], addr=addr)
         out, err = watch_proc.communicate(timeout=600)
     finally:
         if watch_proc.poll() is None:
@@ -323,6 +324,7 @@ def run(svc, tmp_path_factory):
         "bolt_job": bolt_job,
         "cancel": cancel,
         "watch_cancelled": watch_cancelled,
+        "watch_json": watch_json,
         "after": scrape(service.metrics_url),
         "tmp": tmp,
     }
@@ -451,6 +453,11 @@ def test_queue_length_per_tenant_and_cancel(run):
     assert watched.returncode == 3
     assert "CANCELLED  cancelled before it started" in watched.stdout
     assert f"job {run['bolt_job']} ended CANCELLED" in watched.stderr
+    as_json = run["watch_json"]
+    events = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert as_json.returncode == 3
+    assert [e["state"] for e in events] == ["JOB_STATE_QUEUED", "JOB_STATE_CANCELLED"]
+    assert all(e["job_id"] == run["bolt_job"] for e in events)
     assert value(after, "finetune_jobs", state="CANCELLED") == 1
 
 

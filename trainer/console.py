@@ -151,6 +151,7 @@ def job_details(j: pb.Job) -> str:
             f"progress   step {p.step}/{p.total_steps}, epoch {p.epoch:.2f}"
             + (f", loss {p.loss:.4f}" if p.HasField("loss") else "")
             + (f", eval loss {p.eval_loss:.4f}" if p.HasField("eval_loss") else "")
+            + (f", peak memory {size(p.peak_memory_bytes)}" if p.peak_memory_bytes else "")
         )
     if j.adapter_version:
         lines.append(f"version    {j.adapter_version}")
