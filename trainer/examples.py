@@ -50,44 +50,60 @@ def _string(obj: Row, key: str, name: str | None = None) -> str:
     return value
 
 
+_MESSAGE_KEYS = frozenset({"role", "content", "weight"})
+_NEXT_ROLES = {"system": ("user",), "user": ("assistant",), "assistant": ("user",)}
+
+
+def _message(i: int, m: Any, expected: tuple[str, ...], previous: str | None) -> Row:
+    """One turn of a conversation, checked; raises ``LineError`` naming ``messages[i]``."""
+    at = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise LineError(f"{at} must be an object, got {type(m).__name__}")
+    if m.get("weight", 0) is None:  # a Parquet null: absent
+        m = {k: v for k, v in m.items() if k != "weight"}
+    if not m.keys() <= _MESSAGE_KEYS:
+        unknown = sorted(m.keys() - _MESSAGE_KEYS)
+        raise LineError(f"{at} has unknown key(s) {', '.join(map(repr, unknown))}")
+    if "role" not in m or "content" not in m:
+        missing = [k for k in ("role", "content") if k not in m]
+        raise LineError(f"{at} is missing {', '.join(map(repr, missing))}")
+    role = m["role"]
+    if role not in _NEXT_ROLES:
+        raise LineError(f"{at}.role {role!r} is not one of {', '.join(ROLES)}")
+    content = _string(m, "content", f"{at}.content")
+    if role not in expected:
+        after = repr(previous) if previous else "the start"
+        raise LineError(
+            f"{at}.role is {role!r} after {after}: after an optional system turn, "
+            "user and assistant turns must alternate, starting with user"
+        )
+    weight = m.get("weight", 1)
+    if "weight" in m and role != "assistant":
+        raise LineError(f"{at}.weight is allowed on assistant turns only, not on {role}")
+    if type(weight) is not int or weight not in (0, 1):
+        raise LineError(f"{at}.weight must be 0 or 1, got {weight!r}")
+    return {"role": role, "content": content, "weight": weight}
+
+
 def _messages(obj: Row) -> Row:
     msgs = obj["messages"]
     if not isinstance(msgs, list) or not msgs:
         raise LineError("'messages' must be a non-empty list")
     out: list[Row] = []
-    expected = ("system", "user")  # an optional system turn, then user/assistant in turns
+    expected: tuple[str, ...] = ("system", "user")  # optional system, then user/assistant
+    previous: str | None = None
+    learns = seen_assistant = False
     for i, m in enumerate(msgs):
-        at = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise LineError(f"{at} must be an object, got {type(m).__name__}")
-        m = {k: v for k, v in m.items() if not (k == "weight" and v is None)}  # Parquet nulls
-        unknown = sorted(set(m) - {"role", "content", "weight"})
-        if unknown:
-            raise LineError(f"{at} has unknown key(s) {', '.join(map(repr, unknown))}")
-        missing = [k for k in ("role", "content") if k not in m]
-        if missing:
-            raise LineError(f"{at} is missing {', '.join(map(repr, missing))}")
-        role = m["role"]
-        if role not in ROLES:
-            raise LineError(f"{at}.role {role!r} is not one of {', '.join(ROLES)}")
-        content = _string(m, "content", f"{at}.content")
-        if role not in expected:
-            after = repr(out[-1]["role"]) if out else "the start"
-            raise LineError(
-                f"{at}.role is {role!r} after {after}: after an optional system turn, "
-                "user and assistant turns must alternate, starting with user"
-            )
-        expected = ("assistant",) if role == "user" else ("user",)
-        weight = m.get("weight", 1)
-        if "weight" in m and role != "assistant":
-            raise LineError(f"{at}.weight is allowed on assistant turns only, not on {role}")
-        if type(weight) is not int or weight not in (0, 1):
-            raise LineError(f"{at}.weight must be 0 or 1, got {weight!r}")
-        out.append({"role": role, "content": content, "weight": weight})
-    assistant = [m for m in out if m["role"] == "assistant"]
-    if not assistant:
+        turn = _message(i, m, expected, previous)
+        previous = turn["role"]
+        expected = _NEXT_ROLES[previous]
+        if previous == "assistant":
+            seen_assistant = True
+            learns = learns or turn["weight"] == 1
+        out.append(turn)
+    if not seen_assistant:
         raise LineError("no assistant turn: nothing to learn from")
-    if not any(m["weight"] for m in assistant):
+    if not learns:
         raise LineError("every assistant turn has weight 0: nothing to learn from")
     return {"messages": out}
 
