@@ -310,7 +310,7 @@ def _seed_objects(svc) -> None:
 
 
 FUZZ = settings(
-    max_examples=40,
+    max_examples=25,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -353,7 +353,7 @@ _HEADER_VALUE = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
-@settings(FUZZ, max_examples=15)
+@settings(FUZZ, max_examples=10)
 @given(auth=_HEADER_VALUE, act_as=st.one_of(st.none(), _HEADER_VALUE), raw=st.binary(max_size=32))
 def test_random_credentials_are_unauthenticated(svc, method, auth, act_as, raw):
     before = _state(svc)
@@ -391,7 +391,7 @@ _PART = st.one_of(
 )
 
 
-@settings(FUZZ, max_examples=80)
+@settings(FUZZ, max_examples=50)
 @given(
     name=st.one_of(
         st.sampled_from(HOSTILE_STRINGS), st.from_regex(r"up[a-z0-9]{1,8}", fullmatch=True)
