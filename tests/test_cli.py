@@ -124,6 +124,53 @@ def test_tenant_add_list_remove(tmp_path):
     assert again.returncode == 4 and "not found" in again.stderr
 
 
+def test_job_settings_from_yaml_and_flags(tmp_path):
+    from trainer.__main__ import job_settings
+
+    flat = tmp_path / "hp.yaml"  # hyperparameters alone, the job named by flags
+    flat.write_text("lora_rank: 16\nnum_epochs: 2\ntarget_modules: [q_proj, v_proj]\n")
+    args = build_parser().parse_args(
+        [
+            "jobs",
+            "create",
+            "-f",
+            str(flat),
+            "--base-model",
+            "tiny",
+            "--dataset",
+            "ds-1",
+            "--adapter",
+            "a",
+            "--set",
+            "num_epochs=3",
+            "--set",
+            "learning_rate=1e-4",
+        ]
+    )
+    job, hp = job_settings(args)
+    assert job == {"base_model": "tiny", "dataset": "ds-1", "adapter": "a"}
+    assert hp == {
+        "lora_rank": 16,
+        "num_epochs": 3.0,  # the flag wins over the file
+        "target_modules": ["q_proj", "v_proj"],
+        "learning_rate": 1e-4,
+    }
+    nested = tmp_path / "job.yaml"
+    nested.write_text(
+        "base_model: tiny\ndataset_id: ds-2\nadapter_name: b\nvalidation_dataset: ds-3\n"
+        "hyperparameters:\n  seed: 7\n  eval_every_steps: 5.0\n"
+    )
+    args = build_parser().parse_args(["jobs", "create", "-f", str(nested), "--adapter", "c"])
+    job, hp = job_settings(args)
+    assert job == {
+        "base_model": "tiny",
+        "dataset": "ds-2",
+        "adapter": "c",
+        "validation_dataset": "ds-3",
+    }
+    assert hp == {"seed": 7, "eval_every_steps": 5}
+
+
 # ---------------------------------------------------------------- against the service
 def test_upload_list_get_delete(svc, tmp_path):
     service, keys = svc
