@@ -153,11 +153,30 @@ class Scheduler:
         self, job_id: str, state: JobState, message: str, kind: ErrorKind = ErrorKind.NONE
     ) -> None:
         fields: dict[str, Any] = {"state": state, "finished_at": time.time(), "pid": None}
+        log.info("job %s %s: %s", job_id, state.value, message)
+        message = self._redact(message)
         if state is not JobState.SUCCEEDED:
             fields.update(error_kind=kind, error_message=message)
         self.store.update_job(job_id, **fields)
-        log.info("job %s %s: %s", job_id, state.value, message)
         await self._event(job_id, state, message)
+
+    def _redact(self, message: str) -> str:
+        """The tenant's copy of a message: the server's folders named, not shown.
+
+        A worker's exception text can hold the base model's or the data dir's path; the
+        log keeps the full text for the operator.
+        """
+        names: dict[str, str] = {}
+        for name, path in self.base_models.items():
+            for p in {path, os.path.realpath(path)}:
+                if os.sep in p:
+                    names[p.rstrip(os.sep)] = f"<base model {name}>"
+        for p in {str(self.layout.root), os.path.realpath(self.layout.root)}:
+            names[p.rstrip(os.sep)] = "DATA"
+        for path in sorted(names, key=len, reverse=True):  # the longest, most specific first
+            if path:
+                message = message.replace(path, names[path])
+        return message
 
     async def _recover(self) -> None:
         """After a restart: a job that was running resumes from its checkpoint or fails."""
