@@ -6,37 +6,41 @@ and the engine process is not told: it stays, holding the model and its KV cache
 GPU, the memory the next vLLM needs), for ever. Found by
 ``tests/server/test_server_reliability.py``.
 
-``install()`` runs from our plugin: every process vLLM starts asks the kernel for SIGKILL
-when its parent dies (``PR_SET_PDEATHSIG``), so a killed API server takes its engine
-with it, and that engine its worker. Forked children get it from an at-fork hook, spawned
-ones when they load the plugin.
+``install()`` runs from our plugin: every process vLLM starts watches its parent and
+SIGKILLs itself once the parent is gone (it is then re-parented), so a killed API server
+takes its engine with it, and that engine its worker. A watching thread rather than
+``PR_SET_PDEATHSIG``: the latter fires when the parent *thread* that started the child
+ends, which in a threaded server may be long before the parent process does. Forked
+children start the watch from an at-fork hook, spawned ones when they load the plugin.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
 import signal
-import sys
+import threading
+import time
 
 log = logging.getLogger("vllm.finetune.orphans")
 
-PR_SET_PDEATHSIG = 1
+POLL_S = 0.5
 _hooked = False
 
 
-def die_with_parent(parent_pid: int) -> bool:
-    """Be SIGKILLed when ``parent_pid`` (this process's parent) exits."""
-    if sys.platform != "linux":
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        return False
-    if os.getppid() != parent_pid:  # the parent died before the request took effect
+def die_with_parent(parent_pid: int, poll_s: float = POLL_S) -> threading.Thread:
+    """Watch ``parent_pid`` (this process's parent) and SIGKILL this process when it is gone."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        log.error("parent process %d is gone; exiting", parent_pid)
         os.kill(os.getpid(), signal.SIGKILL)
-    return True
+
+    thread = threading.Thread(target=watch, name="finetune-parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def _after_fork_in_child() -> None:
