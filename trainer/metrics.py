@@ -39,19 +39,44 @@ from trainer.store import JobState, Store
 RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+ACTIVE = (JobState.QUEUED, JobState.VALIDATING, JobState.RUNNING)
+ENDED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
 class StoreCollector(Collector):
-    """Job figures, computed from the job store at each scrape."""
+    """Job figures from the job store, read at each scrape.
+
+    Jobs not yet ended are read from the store each time (few, and found by its state
+    index); ended jobs, which only grow, are counted once at start and then as they end,
+    so a scrape stays cheap with many thousands of jobs behind it.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._lock = threading.Lock()
+        self._ended: dict[JobState, int] = dict.fromkeys(ENDED, 0)
+        self._counted: set[str] = set()
+        for job in store.jobs_in_states(*ENDED):
+            self._ended[job.state] += 1
+            self._counted.add(job.id)
+
+    def job_ended(self, job_id: str, state: JobState) -> None:
+        """A job reached ``state`` (SUCCEEDED, FAILED or CANCELLED); each job counts once."""
+        with self._lock:
+            if state in self._ended and job_id not in self._counted:
+                self._counted.add(job_id)
+                self._ended[state] += 1
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        jobs = self.store.jobs_in_states(*JobState)
+        jobs = self.store.jobs_in_states(*ACTIVE)
         by_state = GaugeMetricFamily(
             "finetune_jobs", "Jobs in the store, by state", labels=["state"]
         )
+        with self._lock:
+            ended = dict(self._ended)
         for state in JobState:
-            by_state.add_metric([state.value], sum(j.state is state for j in jobs))
+            n = ended[state] if state in ended else sum(j.state is state for j in jobs)
+            by_state.add_metric([state.value], n)
         yield by_state
 
         queue = GaugeMetricFamily(
@@ -140,7 +165,8 @@ class Metrics:
     def __init__(self, store: Store) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
-        self.registry.register(StoreCollector(store))
+        self.jobs = StoreCollector(store)
+        self.registry.register(self.jobs)
         self.rpc = Histogram(
             "finetune_rpc_duration_seconds",
             "Time to answer an RPC (a stream: until it ends), by method and status code",
@@ -154,6 +180,9 @@ class Metrics:
             registry=self.registry,
         )
         self._http: Any = None
+
+    def job_ended(self, job_id: str, state: JobState) -> None:
+        self.jobs.job_ended(job_id, state)
 
     def interceptor(self) -> RpcMetrics:
         return RpcMetrics(self)

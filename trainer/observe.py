@@ -14,6 +14,7 @@ QUEUED one, the scheduler the rest), so this wraps the store there, once, in
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from trainer import curves
@@ -26,9 +27,15 @@ log = logging.getLogger("trainer.jobs")
 class ObservedStore:
     """A ``Store`` that logs job transitions and records curves as events are appended."""
 
-    def __init__(self, store: Store, layout: Layout) -> None:
+    def __init__(
+        self,
+        store: Store,
+        layout: Layout,
+        on_end: Callable[[str, JobState], None] | None = None,
+    ) -> None:
         self._store = store
         self._layout = layout
+        self._on_end = on_end  # the metrics' count of ended jobs
         self._states: dict[str, JobState] = {}
         self._curves: dict[str, curves.JobCurves] = {}
 
@@ -69,6 +76,8 @@ class ObservedStore:
                 },
             )
         if state.terminal:
+            if self._on_end is not None:
+                self._on_end(job_id, state)
             self._states.pop(job_id, None)
             self._curves.pop(job_id, None)
             if state is not JobState.SUCCEEDED:

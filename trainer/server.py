@@ -52,9 +52,9 @@ async def serve(
     if swept := layout.sweep():  # half an upload or publish from a killed predecessor
         log.warning("removed %d unfinished upload(s)/publish(es): %s", len(swept), swept)
     sqlite = SqliteStore(layout.db)
-    # Job transitions are logged and training curves recorded as events are stored.
-    store = cast(Store, ObservedStore(sqlite, layout))
     metrics = Metrics(sqlite)
+    # Job transitions are logged, curves recorded and ended jobs counted as events are stored.
+    store = cast(Store, ObservedStore(sqlite, layout, on_end=metrics.job_ended))
     assert cfg.tenants_file is not None
     auth = Authenticator(TenantRegistry(cfg.tenants_file))
     bus = EventBus()
