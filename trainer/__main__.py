@@ -600,9 +600,6 @@ def jobs_create(c: Any, args: argparse.Namespace) -> int:
     if args.json and args.watch:  # JSON lines: the job, then each event
         print(json.dumps(_to_dict(job)), flush=True)
     else:
-        if args.json and args.watch:  # JSON lines: the job, then each event
-        print(json.dumps(_to_dict(job)), flush=True)
-    else:
         _emit(args, job, f"{job.id}\t{state_name(job.state)}")
     if args.watch:
         return _watch(c, job.id, args)
