@@ -79,12 +79,13 @@ HOSTILE_STRINGS = [
 
 
 @pytest.fixture(scope="module")
-def svc(tmp_path_factory: pytest.TempPathFactory):
+def svc(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     data = tmp_path_factory.mktemp("fuzz")
-    # No model at the path: a job that is accepted is cancelled at once, never trained.
+    # A real (tiny) base model, so a valid request succeeds (ValidateDataset reads its
+    # tokenizer); a job that is accepted is cancelled at once, never trained.
     s = Service(
         data,
-        {"tiny": str(data / "no-model")},
+        {"tiny": str(tiny_model_dir)},
         extra=["--max-upload-bytes", str(MAX_UPLOAD)],
     )
     keys = {
@@ -190,7 +191,7 @@ def _known(svc) -> dict[str, list[str]]:
     return svc.known  # type: ignore[attr-defined]
 
 
-def _text(svc) -> st.SearchStrategy[str]:
+def _text(svc, field: str = "") -> st.SearchStrategy[str]:
     def pick(kind: str, fallback: str) -> st.SearchStrategy[str]:
         # Drawn as an index, looked up at build time: the pool grows as the test runs,
         # and hypothesis needs the same draws to give the same shape.
@@ -200,13 +201,22 @@ def _text(svc) -> st.SearchStrategy[str]:
 
         return st.integers(0, 1 << 16).map(look)
 
-    return st.one_of(
+    anything = st.one_of(
         st.sampled_from(HOSTILE_STRINGS),
         pick("ids", "ds-ffffffffffffffff"),
         pick("names", "tiny"),
         st.text(max_size=40),
         st.from_regex(r"(ds|job)-[0-9a-f]{16}", fullmatch=True),
     )
+    # Half the time a plausible value for the field, so calls get past the first check
+    # and reach the deeper ones (a real dataset, the served base, a valid name).
+    if field == "id" or field.endswith("dataset_id"):
+        return st.one_of(pick("ids", "ds-ffffffffffffffff"), anything)
+    if field == "base_model":
+        return st.one_of(st.just("tiny"), anything)
+    if field in ("name", "adapter_name"):
+        return st.one_of(st.from_regex(r"[a-z][a-z0-9-]{0,12}", fullmatch=True), anything)
+    return anything
 
 
 _INT_EDGES = [0, 1, -1, 7, 8, 16, 2**31 - 1, -(2**31)]
@@ -215,7 +225,7 @@ _INT_EDGES = [0, 1, -1, 7, 8, 16, 2**31 - 1, -(2**31)]
 def _scalar(f: FieldDescriptor, svc) -> st.SearchStrategy[Any]:
     t = f.type
     if t == FieldDescriptor.TYPE_STRING:
-        return _text(svc)
+        return _text(svc, f.name)
     if t == FieldDescriptor.TYPE_BYTES:
         return st.binary(max_size=256)
     if t == FieldDescriptor.TYPE_BOOL:
@@ -242,7 +252,10 @@ def message_strategy(desc: Descriptor, svc, depth: int = 0) -> st.SearchStrategy
         if f.message_type is not None:
             if depth >= 2 or f.message_type.full_name.startswith("google.protobuf"):
                 continue
-            one = message_strategy(f.message_type, svc, depth + 1)
+            sub = f.message_type
+            # Often the empty message (all defaults), so the rest of the request is reached.
+            empty = st.just(message_factory.GetMessageClass(sub)())
+            one = st.one_of(empty, message_strategy(sub, svc, depth + 1))
         else:
             one = _scalar(f, svc)
         is_repeated = f.is_repeated
@@ -304,7 +317,10 @@ def _seed_objects(svc) -> None:
             _md(svc.keys[who]),
         )
         if code == Code.OK:
-            known["ids"].append(pb.Dataset.FromString(out[0]).id)
+            ds_id = pb.Dataset.FromString(out[0]).id
+            known["ids"].append(ds_id)
+            if who == "A":
+                known.setdefault("own", []).append(ds_id)
         else:
             assert code == Code.ALREADY_EXISTS, details
 
@@ -332,6 +348,68 @@ def test_fuzzed_messages_get_a_precise_status(svc, method, data):
     else:
         requests = [data.draw(message_strategy(method.input_type, svc)).SerializeToString()]
     code, details, out = _call(svc, method, requests, _md(svc.keys["A"]))
+    _check(svc, method, code, details, out, before)
+
+
+REQUIRED = {"id", "dataset_id", "base_model", "name", "adapter_name"}
+
+
+def _plausible(field: FieldDescriptor, svc) -> st.SearchStrategy[Any]:
+    """A value the service would accept for ``field`` (A's own ids, the base, a fresh name)."""
+
+    def own_dataset(i: int) -> str:
+        pool = _known(svc).get("own") or ["ds-ffffffffffffffff"]
+        return pool[i % len(pool)]
+
+    name = field.name
+    if name == "id" or name == "dataset_id":
+        return st.integers(0, 1 << 16).map(own_dataset)
+    if name == "validation_dataset_id":
+        return st.one_of(st.just(""), st.integers(0, 1 << 16).map(own_dataset))
+    if name == "base_model":
+        return st.just("tiny")
+    if name in ("name", "adapter_name"):
+        return st.from_regex(r"[a-z][a-z0-9-]{0,12}", fullmatch=True)
+    if name == "eval_fraction":
+        return st.sampled_from([0.1, 0.25, 0.5])
+    if field.message_type is not None:
+        return st.just(message_factory.GetMessageClass(field.message_type)())
+    return st.nothing()  # anything else stays unset
+
+
+@pytest.mark.parametrize(
+    "method", [m for m in METHODS if not m.client_streaming], ids=lambda m: m.name
+)
+@settings(FUZZ, max_examples=20)
+@given(data=st.data())
+def test_nearly_valid_requests_get_a_precise_status(svc, method, data):
+    """A request the service would accept, with at most one field made hostile: every
+    check past the first one is reached (a real dataset, the served base, a valid name)."""
+    _seed_objects(svc)
+    before = _state(svc)
+    desc = method.input_type
+    msg = message_factory.GetMessageClass(desc)()
+    fields = list(desc.fields)
+    hostile = data.draw(st.sampled_from([None, *fields]), label="hostile field")
+    for f in fields:
+        if f is hostile:
+            value = data.draw(
+                message_strategy(f.message_type, svc) if f.message_type else _scalar(f, svc)
+            )
+        elif f.name in REQUIRED:
+            value = data.draw(_plausible(f, svc))
+        else:
+            options = data.draw(st.lists(_plausible(f, svc), max_size=1))
+            if not options:
+                continue
+            value = options[0]
+        if f.message_type is not None:
+            getattr(msg, f.name).CopyFrom(value)
+        elif f.is_repeated:
+            getattr(msg, f.name).extend(value if isinstance(value, list) else [value])
+        else:
+            setattr(msg, f.name, value)
+    code, details, out = _call(svc, method, [msg.SerializeToString()], _md(svc.keys["A"]))
     _check(svc, method, code, details, out, before)
 
 
