@@ -162,3 +162,59 @@ def test_fifty_concurrent_submissions_none_lost_and_fair(tmp_path):
         for c in clients.values():
             c.close()
         assert svc.stop() == 0, svc.log()[-3000:]
+
+
+def test_racing_for_one_name_exactly_one_wins_and_the_losers_store_nothing(tmp_path):
+    """20 concurrent uploads under one name (different bytes), then 20 concurrent jobs for
+    one adapter name: one of each is accepted, the others ALREADY_EXISTS, and no file of
+    a loser stays on the volume."""
+    data = tmp_path / "data"
+    key = add_tenant(data, "acme")
+    svc = Service(data, {"tiny": str(data / "no-model")}).start()
+    n = 20
+    try:
+        with svc.client(key) as c:
+            paths = []
+            for i in range(n):
+                rows = chat_rows("q", f"answer {i}", 12)
+                p = tmp_path / f"same-{i}.jsonl"
+                p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                paths.append(p)
+            barrier = threading.Barrier(n)
+
+            def upload(p: Path):
+                barrier.wait(30)
+                try:
+                    return c.upload_dataset(p, "same")
+                except grpc.RpcError as e:
+                    return e.code()
+
+            with ThreadPoolExecutor(n) as pool:
+                results = list(pool.map(upload, paths))
+            won = [r for r in results if isinstance(r, pb.Dataset)]
+            assert len(won) == 1, results
+            assert [r for r in results if r is not won[0]] == [grpc.StatusCode.ALREADY_EXISTS] * (
+                n - 1
+            )
+            assert sorted(p.name for p in (data / "datasets").iterdir()) == [won[0].sha256]
+            assert not any((data / "tmp").iterdir())
+            assert [d.id for d in c.list_datasets()] == [won[0].id]
+
+            barrier = threading.Barrier(n)
+
+            def create(_: int):
+                barrier.wait(30)
+                try:
+                    return c.create_job("tiny", won[0].id, "one-name")
+                except grpc.RpcError as e:
+                    return e.code()
+
+            with ThreadPoolExecutor(n) as pool:
+                jobs = list(pool.map(create, range(n)))
+            ok = [j for j in jobs if isinstance(j, pb.Job)]
+            assert len(ok) == 1, jobs
+            assert jobs.count(grpc.StatusCode.ALREADY_EXISTS) == n - 1
+            assert [j.id for j in c.list_jobs()] == [ok[0].id]
+            c.cancel_job(ok[0].id)
+    finally:
+        assert svc.stop() == 0
