@@ -340,3 +340,37 @@ def test_kill9_mid_publish_and_a_full_disk_keep_the_served_version(
         filler.unlink()
     finally:
         svc.stop()
+
+
+def test_a_full_disk_during_upload_is_resource_exhausted_and_keeps_nothing(tmp_path):
+    """DATA on a small tmpfs: an upload that does not fit is RESOURCE_EXHAUSTED (gRPC's code
+    for a full file system), leaves no partial file, and the service carries on."""
+    data = tmp_path / "data"
+    data.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(data)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+    try:
+        key = add_tenant(data, "acme")
+        svc = Service(data, {"tiny": str(tmp_path / "no-model")}).start()
+        try:
+            with svc.client(key) as a:
+                big = write_jsonl(tmp_path / "big.jsonl", chat_rows("q" * 500, "a" * 500, 5000))
+                assert big.stat().st_size > 4 << 20
+                with pytest.raises(grpc.RpcError) as e:
+                    a.upload_dataset(big, "big")
+                assert e.value.code() == Code.RESOURCE_EXHAUSTED, e.value.details()
+                assert "space" in e.value.details() and str(data) not in e.value.details()
+                assert not any((data / "tmp").iterdir())
+                assert not any((data / "datasets").iterdir())
+                small = write_jsonl(tmp_path / "small.jsonl", chat_rows("q", "a", 12))
+                assert a.upload_dataset(small, "small").num_rows == 12  # still serving
+                assert [d.name for d in a.list_datasets()] == ["small"]
+        finally:
+            assert svc.stop() == 0
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)

@@ -6,6 +6,7 @@ is never answered with INTERNAL.
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import logging
@@ -40,6 +41,12 @@ STATUS = {
 async def _abort(context: grpc.aio.ServicerContext, e: Exception) -> None:
     if isinstance(e, errors.DomainError):
         await context.abort(STATUS[type(e)], str(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        # gRPC's code for "the entire file system is out of space"; nothing was kept.
+        log.error("out of disk space: %s", e)
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "the service is out of disk space; try again later"
+        )
     log.exception("unexpected error")
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
 
