@@ -368,8 +368,22 @@ def test_a_full_disk_during_upload_is_resource_exhausted_and_keeps_nothing(tmp_p
                 assert not any((data / "tmp").iterdir())
                 assert not any((data / "datasets").iterdir())
                 small = write_jsonl(tmp_path / "small.jsonl", chat_rows("q", "a", 12))
-                assert a.upload_dataset(small, "small").num_rows == 12  # still serving
-                assert [d.name for d in a.list_datasets()] == ["small"]
+                ds = a.upload_dataset(small, "small")  # still serving
+                assert [d.name for d in a.list_datasets()] == [ds.name]
+                # Full to the last block: the job store cannot write either.
+                st = os.statvfs(data)
+                with open(data / "filler", "wb") as f, contextlib.suppress(OSError):
+                    f.write(b"\0" * (st.f_bavail * st.f_frsize))
+                created = []
+                with pytest.raises(grpc.RpcError) as e:
+                    for i in range(200):  # until the job store's file has to grow
+                        created.append(a.create_job("tiny", ds.id, f"full-{i}").id)
+                        a.cancel_job(created[-1])
+                assert e.value.code() == Code.RESOURCE_EXHAUSTED, e.value.details()
+                (data / "filler").unlink()
+                # The refused call kept nothing: the jobs are exactly those accepted.
+                assert sorted(j.id for j in a.list_jobs()) == sorted(created)
+                assert a.get_dataset(ds.id).sha256 == ds.sha256
         finally:
             assert svc.stop() == 0
     finally:

@@ -10,6 +10,7 @@ import errno
 import functools
 import inspect
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -41,7 +42,9 @@ STATUS = {
 async def _abort(context: grpc.aio.ServicerContext, e: Exception) -> None:
     if isinstance(e, errors.DomainError):
         await context.abort(STATUS[type(e)], str(e))
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    ):
         # gRPC's code for "the entire file system is out of space"; nothing was kept.
         log.error("out of disk space: %s", e)
         await context.abort(
