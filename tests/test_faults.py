@@ -304,7 +304,10 @@ def test_kill9_mid_publish_and_a_full_disk_keep_the_served_version(
             assert served() == v1_dir
 
             # 1. SIGKILL in the middle of copying the new version into its staging folder.
-            killer = _KillMidCopy(layout.adapters, layout.staging, svc.proc.pid)
+            try:
+                killer = _KillMidCopy(layout.adapters, layout.staging, svc.proc.pid)
+            except OSError as e:  # fanotify permission events need CAP_SYS_ADMIN
+                pytest.skip(f"fanotify is not available here: {e}")
             job2 = a.create_job("tiny", ds.id, "secret", **QUICK)
             try:
                 _wait_for(lambda: killer.killed_at, timeout=300)
