@@ -104,6 +104,10 @@ def estimate_bytes(shape: ModelShape, cfg: JobConfig, *, fast_path: bool = True)
     # One layer's recompute and backward working set: the MLP's three intermediate-wide
     # tensors and about ten hidden-wide ones (attention, norms, LoRA inputs, gradients).
     working = tokens * (3 * shape.intermediate + 10 * shape.hidden) * act_bytes
+    if fast_path:
+        # Attention replay: one layer's attention inputs and output come back from the
+        # host for its recompute (q and o hidden-wide, k and v kv-wide).
+        working += tokens * (2 * shape.hidden + 2 * shape.kv_heads * shape.head_dim) * act_bytes
     return int(
         linear * NF4_BYTES_PER_PARAM
         + tables
