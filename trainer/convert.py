@@ -40,6 +40,21 @@ _HP_FIELDS = (
     "checkpoint_every_steps",
     "eval_every_steps",
 )
+# Scalar fields shared by the DatasetReport message and the domain Report (the token
+# stats, format and findings are converted by hand).
+_REPORT_FIELDS = (
+    "examples",
+    "eval_examples",
+    "truncated_examples",
+    "truncated_tokens",
+    "loss_token_share",
+    "all_masked_examples",
+    "examples_without_eos",
+    "examples_with_special_tokens",
+    "total_steps",
+    "train_tokens",
+    "loss_tokens",
+)
 
 
 def _ts(t: float | None) -> Timestamp | None:
@@ -90,24 +105,14 @@ def report_of(msg: pb.DatasetReport) -> Report:
     severities = {v: k for k, v in _SEVERITIES.items()}
     return Report(
         format=formats.get(msg.format, ""),
-        examples=msg.examples,
-        eval_examples=msg.eval_examples,
         tokens_min=msg.tokens.min,
         tokens_mean=msg.tokens.mean,
         tokens_max=msg.tokens.max,
-        truncated_examples=msg.truncated_examples,
-        truncated_tokens=msg.truncated_tokens,
-        loss_token_share=msg.loss_token_share,
-        all_masked_examples=msg.all_masked_examples,
-        examples_without_eos=msg.examples_without_eos,
-        examples_with_special_tokens=msg.examples_with_special_tokens,
-        total_steps=msg.total_steps,
-        train_tokens=msg.train_tokens,
-        loss_tokens=msg.loss_tokens,
         findings=[
             Finding(severities[f.severity], f.code, f.message, f.count, list(f.lines))
             for f in msg.findings
         ],
+        **{f: getattr(msg, f) for f in _REPORT_FIELDS},
     )
 
 
@@ -117,18 +122,7 @@ def dataset_report(d: dict[str, Any] | None) -> pb.DatasetReport | None:
     r = Report.from_dict(d)
     return pb.DatasetReport(
         format=_FORMATS.get(r.format, pb.DATASET_FORMAT_UNSPECIFIED),
-        examples=r.examples,
-        eval_examples=r.eval_examples,
         tokens=pb.TokenStats(min=r.tokens_min, mean=r.tokens_mean, max=r.tokens_max),
-        truncated_examples=r.truncated_examples,
-        truncated_tokens=r.truncated_tokens,
-        loss_token_share=r.loss_token_share,
-        all_masked_examples=r.all_masked_examples,
-        examples_without_eos=r.examples_without_eos,
-        examples_with_special_tokens=r.examples_with_special_tokens,
-        total_steps=r.total_steps,
-        train_tokens=r.train_tokens,
-        loss_tokens=r.loss_tokens,
         findings=[
             pb.Finding(
                 severity=_SEVERITIES[f.severity],
@@ -140,6 +134,7 @@ def dataset_report(d: dict[str, Any] | None) -> pb.DatasetReport | None:
             for f in r.findings
         ],
         ok=r.ok,
+        **{f: getattr(r, f) for f in _REPORT_FIELDS},
     )
 
 
