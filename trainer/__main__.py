@@ -30,7 +30,10 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
+
+if TYPE_CHECKING:
+    from trainer.report import Report
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_JOB_FAILED = 0, 1, 2, 3
 EXIT_NOT_FOUND, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 4, 5, 6, 130
@@ -423,10 +426,14 @@ def datasets_upload(c: Any, args: argparse.Namespace) -> int:
     if args.base_model:
         from trainer import convert
 
-        report = convert.report_of(c.validate_dataset(ds.id, args.base_model))
-        print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
-        return EXIT_OK if report.ok else EXIT_REFUSED
+        return _print_report(args, convert.report_of(c.validate_dataset(ds.id, args.base_model)))
     return EXIT_OK
+
+
+def _print_report(args: argparse.Namespace, report: Report) -> int:
+    """A dataset report as JSON or text; refused (1) unless it has no error."""
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    return EXIT_OK if report.ok else EXIT_REFUSED
 
 
 def datasets_validate(args: argparse.Namespace) -> int:
@@ -465,9 +472,7 @@ def datasets_validate(args: argparse.Namespace) -> int:
         dataset_examples=found.examples,
         eval_fraction=split.fraction,
     )
-    report = for_spec(spec, load_tokenizer(args.model), packing=False)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
-    return EXIT_OK if report.ok else EXIT_REFUSED
+    return _print_report(args, for_spec(spec, load_tokenizer(args.model), packing=False))
 
 
 def datasets_list(c: Any, args: argparse.Namespace) -> int:
