@@ -355,12 +355,14 @@ def build(
         pos = 0
         while chunk := list(itertools.islice(it, BATCH_ROWS)):
             results = tokenize_batch([row for _, row in chunk], kind, tok, ends)
-            for (line, row), t in zip(chunk, results, strict=True):
-                if isinstance(t, LineError):
+            for (line, row), result in zip(chunk, results, strict=True):
+                tokens: Tokens | None = None
+                if isinstance(result, LineError):
                     if len(bad) < LINES_LISTED:
-                        bad.append(f"line {line}: {t}")
-                    t = None
-                yield pos, line, row, t
+                        bad.append(f"line {line}: {result}")
+                else:
+                    tokens = result
+                yield pos, line, row, tokens
                 pos += 1
 
     def evaluate_on(t: Tokens) -> None:
