@@ -138,6 +138,13 @@ def _serve_parser(sub: Any) -> None:
         help="fewest examples a dataset may hold (env FINETUNE_MIN_EXAMPLES)",
     )
     s.add_argument(
+        "--max-validations",
+        type=int,
+        default=int(_env("MAX_VALIDATIONS", "2")),
+        help="ValidateDataset calls one tenant may run at once, each a ~400 MiB subprocess; "
+        "more are refused with RESOURCE_EXHAUSTED (env FINETUNE_MAX_VALIDATIONS)",
+    )
+    s.add_argument(
         "--max-lora-rank",
         type=int,
         default=int(_env("MAX_LORA_RANK", "64")),
@@ -365,6 +372,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tenants_file=Path(args.tenants_file) if args.tenants_file else None,
         max_upload_bytes=args.max_upload_bytes,
         min_examples=args.min_examples,
+        max_validations=args.max_validations,
         max_lora_rank=args.max_lora_rank,
         devices=args.devices,
         gpu_memory_budget=args.gpu_memory_budget,

@@ -216,6 +216,13 @@ class ServiceConfig:
     min_examples: int = field(
         default=10, metadata={"help": "Fewest examples an uploaded dataset may hold."}
     )
+    max_validations: int = field(
+        default=2,
+        metadata={
+            "help": "ValidateDataset calls one tenant may have running at once; each is a "
+            "subprocess of ~400 MiB, and a call over the limit is refused, not queued."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -225,5 +232,7 @@ class ServiceConfig:
             raise ValueError(f"max_lora_rank {self.max_lora_rank} is not one of {VLLM_LORA_RANKS}")
         if self.min_examples < 1:
             raise ValueError(f"min_examples {self.min_examples} is not at least 1")
+        if self.max_validations < 1:
+            raise ValueError(f"max_validations {self.max_validations} is not at least 1")
         if self.gpu_memory_budget is not None and not 0 < self.gpu_memory_budget <= 1:
             raise ValueError(f"gpu_memory_budget {self.gpu_memory_budget} is not in (0, 1]")

@@ -5,17 +5,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 
 from trainer.config import EvalSplit, JobConfig
-from trainer.errors import AlreadyExists, InvalidArgument, NotFound
+from trainer.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from trainer.layout import write_atomic
 from trainer.memory import MemoryBudget
 from trainer.names import check_id, check_name, fold
 from trainer.report import Report
 from trainer.scheduler import EventBus, Scheduler, job_spec
 from trainer.store import DatasetRecord, EventRecord, JobRecord, JobState, Store, new_id
+
+log = logging.getLogger(__name__)
 
 
 class Jobs:
@@ -27,6 +37,7 @@ class Jobs:
         base_models: dict[str, str],
         max_lora_rank: int,
         memory: MemoryBudget | None = None,
+        max_validations: int = 2,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
@@ -35,6 +46,8 @@ class Jobs:
         self.max_lora_rank = max_lora_rank
         self.memory = memory
         self._create_lock = asyncio.Lock()
+        self.max_validations = max_validations  # per tenant, at once
+        self._validating: Counter[str] = Counter()
 
     def _draft(
         self,
@@ -124,8 +137,26 @@ class Jobs:
 
         Tokenizing a large file is CPU-bound for minutes: a subprocess keeps the event
         loop and the service's memory free of it, and is killed if the caller goes away.
+        Each subprocess holds ~400 MiB, so a tenant may run ``max_validations`` at once;
+        one more is refused (RESOURCE_EXHAUSTED) rather than queued without bound.
         """
         draft = self._draft(tenant, base_model, dataset_id, "validate", cfg, split)
+        # No await between the check and the count: one event loop makes them one step.
+        if self._validating[tenant] >= self.max_validations:
+            raise ResourceExhausted(
+                f"this tenant has {self._validating[tenant]} ValidateDataset call(s) running, "
+                "the most allowed at once; try again when one has finished"
+            )
+        self._validating[tenant] += 1
+        try:
+            return await self._validate(tenant, draft)
+        finally:
+            self._validating[tenant] -= 1
+            if not self._validating[tenant]:
+                del self._validating[tenant]
+
+    async def _validate(self, tenant: str, draft: JobRecord) -> Report:
+        base_model = draft.base_model
         spec = job_spec(self.store, self.scheduler.layout, draft, self.base_models[base_model])
         spec_file = self.scheduler.layout.tmp / f"validate-{draft.id}.json"
         write_atomic(spec_file, json.dumps(spec.to_dict()).encode())
@@ -152,6 +183,17 @@ class Jobs:
         except (ValueError, IndexError):
             tail = err.decode(errors="replace").strip().splitlines()[-1:]
             raise RuntimeError(f"validation failed: {' '.join(tail)}") from None
+        if answer.get("code") == "failed_precondition":
+            # The tenant's message names the base model, not its folder; the log has both.
+            log.warning(
+                "validating for %s on base model %r (%s): %s\n%s",
+                tenant,
+                base_model,
+                spec.base_model_path,
+                answer["error"],
+                err.decode(errors="replace").strip()[-4000:],
+            )
+            raise FailedPrecondition(answer["error"])
         if "error" in answer:
             raise InvalidArgument("dataset", answer["error"].removeprefix("dataset: "))
         return Report.from_dict(answer["report"])

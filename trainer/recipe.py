@@ -43,7 +43,7 @@ from trainer.config import JobConfig, JobSpec
 from trainer.errors import InvalidArgument
 from trainer.fastpath import FastPathConfig
 from trainer.memory import GIB, ModelShape, estimate_bytes
-from trainer.report import for_spec, load_tokenizer
+from trainer.report import base_tokenizer, for_spec
 from trainer.rows import RowFile
 
 
@@ -290,7 +290,7 @@ def run(spec: JobSpec, events: EventSink) -> dict[str, Any]:
         cfg.validate()
     except InvalidArgument as e:
         raise UserError(str(e)) from e
-    tokenizer = load_tokenizer(spec.base_model_path)
+    tokenizer = base_tokenizer(spec)
     on_gpu = torch.cuda.is_available()
     fast = FastPathConfig() if on_gpu and spec.fast_path else None
     # Every example tokenized once, its rows streamed to Arrow files that TRL reads.

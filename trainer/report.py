@@ -29,6 +29,7 @@ import json
 import math
 import random
 import sys
+import traceback
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import JobConfig, JobSpec
-from trainer.errors import InvalidArgument
+from trainer.errors import FailedPrecondition, InvalidArgument
 from trainer.examples import FORMATS, LineError, Row, examples, scan
 
 LINES_LISTED = 10
@@ -512,6 +513,22 @@ def load_tokenizer(path: str | Path) -> Any:
     return tok
 
 
+def base_tokenizer(spec: JobSpec) -> Any:
+    """The tokenizer of the job's base model; FailedPrecondition if it cannot be loaded.
+
+    The base model is the operator's (a folder without tokenizer files, say), not the
+    tenant's input: the message names the model, never its folder on this host; the
+    cause, with the folder, stays chained for the log.
+    """
+    try:
+        return load_tokenizer(spec.base_model_path)
+    except Exception as e:
+        raise FailedPrecondition(
+            f"base model {spec.base_model!r}: its tokenizer cannot be loaded "
+            f"({type(e).__name__}); the service's operator must repair the model's files"
+        ) from e
+
+
 def for_spec(
     spec: JobSpec,
     tok: Any,
@@ -549,13 +566,19 @@ def main(argv: list[str] | None = None) -> int:
 
     The service runs this in a subprocess for ``ValidateDataset`` so that tokenizing a
     large file neither blocks its event loop nor holds the tokenizer in its memory.
-    Exit 0 with {"report": ...}, or 1 with {"error": ...} when the input is at fault.
+    Exit 0 with {"report": ...}, or 1 with {"error": ...} when the input is at fault, or
+    1 with {"error": ..., "code": "failed_precondition"} when the base model's tokenizer
+    cannot be loaded (the traceback, host paths and all, goes to stderr for the log).
     """
     argv = sys.argv[1:] if argv is None else argv
     spec = JobSpec.from_dict(json.loads(Path(argv[0]).read_text()))
     try:
-        tok = load_tokenizer(spec.base_model_path)
+        tok = base_tokenizer(spec)
         report = for_spec(spec, tok, packing="--packing" in argv)
+    except FailedPrecondition as e:
+        traceback.print_exc()
+        print(json.dumps({"error": str(e), "code": "failed_precondition"}), flush=True)
+        return 1
     except InvalidArgument as e:
         print(json.dumps({"error": str(e)}), flush=True)
         return 1

@@ -63,7 +63,9 @@ async def serve(
     budget = MemoryBudget.detect(cfg.gpu_memory_budget)
     if cfg.gpu_memory_budget is not None and budget is None:
         log.warning("no GPU found: the memory budget of %s is not checked", cfg.gpu_memory_budget)
-    jobs = Jobs(store, scheduler, bus, cfg.base_models, cfg.max_lora_rank, budget)
+    jobs = Jobs(
+        store, scheduler, bus, cfg.base_models, cfg.max_lora_rank, budget, cfg.max_validations
+    )
     datasets = DatasetIngest(store, layout, cfg.max_upload_bytes, cfg.min_examples)
 
     server = grpc.aio.server(
