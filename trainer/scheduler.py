@@ -119,6 +119,9 @@ class Scheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._reapers: set[asyncio.Task[None]] = set()
         self._stopping = False
+        # tenant -> the latest start of any of its jobs, for the fair queue: read from the
+        # store once here, then kept by _launch, so that choosing a job reads queued ones only.
+        self._last_start: dict[str, float] = store.last_starts()
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -208,16 +211,12 @@ class Scheduler:
         ]
         if not queued:
             return None
-        last_start: dict[str, float] = {}
-        for j in self.store.jobs_in_states(*JobState):
-            if j.started_at:
-                last_start[j.tenant] = max(last_start.get(j.tenant, 0.0), j.started_at)
         first_of_tenant: dict[str, JobRecord] = {}
         for j in queued:  # already oldest first
             first_of_tenant.setdefault(j.tenant, j)
         return min(
             first_of_tenant.values(),
-            key=lambda j: (last_start.get(j.tenant, 0.0), j.created_at),
+            key=lambda j: (self._last_start.get(j.tenant, 0.0), j.created_at),
         )
 
     async def _loop(self) -> None:
@@ -270,10 +269,11 @@ class Scheduler:
             )
         run = _Running(job.id, slot, proc)
         self._running[job.id] = run
-        now = time.time()
+        started_at = job.started_at or time.time()  # a resumed job keeps its first start
         self.store.update_job(
-            job.id, state=JobState.VALIDATING, pid=proc.pid, started_at=job.started_at or now
+            job.id, state=JobState.VALIDATING, pid=proc.pid, started_at=started_at
         )
+        self._last_start[job.tenant] = max(self._last_start.get(job.tenant, 0.0), started_at)
         device = f"cuda:{slot}" if self.gpus else "cpu"
         log.info("job %s of %s started on %s (pid %d)", job.id, job.tenant, device, proc.pid)
         await self._event(job.id, JobState.VALIDATING, f"started on {device}")

@@ -122,6 +122,7 @@ class Store(Protocol):
     def get_job(self, tenant: str | None, job_id: str) -> JobRecord | None: ...
     def list_jobs(self, tenant: str) -> list[JobRecord]: ...
     def jobs_in_states(self, *states: JobState) -> list[JobRecord]: ...
+    def last_starts(self) -> dict[str, float]: ...
     def update_job(self, job_id: str, **fields: Any) -> None: ...
     def append_event(
         self, job_id: str, state: JobState, message: str, progress: dict | None = None
@@ -327,6 +328,14 @@ class SqliteStore:
             *(s.value for s in states),
         )
         return [self._job(r) for r in rows]
+
+    def last_starts(self) -> dict[str, float]:
+        """Each tenant's latest job start (tenants with no job started yet left out)."""
+        rows = self._rows(
+            "SELECT tenant, MAX(started_at) AS t FROM jobs WHERE started_at IS NOT NULL "
+            "GROUP BY tenant"
+        )
+        return {r["tenant"]: r["t"] for r in rows}
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         cols, vals = [], []
