@@ -49,6 +49,7 @@ OPTIONAL_ENV = {
     "FINETUNE_LOG_LEVEL": "a default of INFO",
     "FINETUNE_LOG_FORMAT": "a default of text (json: one object a line)",
     "FINETUNE_MIN_EXAMPLES": "a default of 10",
+    "FINETUNE_MAX_VALIDATIONS": "a default of 2 ValidateDataset calls per tenant at once",
     "FINETUNE_OPENAI_URL": "client side: the OpenAI endpoint `finetune chat` talks to",
     "FINETUNE_VLLM_PYTHON": "vLLM runs under the launcher's own python",
     "FINETUNE_MODEL_PATH": "set by the launcher for vLLM's processes (checked below)",
