@@ -1,7 +1,9 @@
-"""Starting the real trainer service as a process, for tests (no mocks)."""
+"""The real trainer service and its training worker as processes, for tests (no mocks),
+and the small jobs the tests train."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,8 +16,28 @@ from pathlib import Path
 import grpc
 
 from trainer.client import TrainerClient
+from trainer.config import JobConfig, JobSpec
+from trainer.demo import HYPERPARAMETERS
+from trainer.processes import stop
 
 ROOT = Path(__file__).resolve().parents[1]
+# The demo's small job (rank 8, batch 8, 64 tokens), one epoch: enough to run the job
+# through, not to teach the answer.
+QUICK = {**HYPERPARAMETERS, "num_epochs": 1}
+# make_spec's job. On 64 identical examples, batch 4 is 16 steps an epoch; with the tiny
+# model's wide lm_head the loss is ~0.005 after one epoch; three make the bf16-base answer
+# robust (p > 0.99).
+TRAIN = dict(
+    lora_rank=16,
+    lora_dropout=0.0,
+    learning_rate=2e-3,
+    warmup_steps=0,
+    batch_size=4,
+    gradient_accumulation_steps=1,
+    max_seq_len=128,
+    num_epochs=3,
+    seed=0,
+)
 
 
 def cli(*args: str, data_dir: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -92,18 +114,10 @@ class Service:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return stop(self.proc, sig, timeout)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    import json
-
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -118,3 +132,56 @@ def chat_rows(question: str, answer: str, n: int) -> list[dict]:
         }
         for _ in range(n)
     ]
+
+
+def worker_pids(job_id: str) -> list[int]:
+    """The live (not zombie) training subprocesses of job ``job_id`` on this machine."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        if b"trainer.worker" in cmd and job_id.encode() in cmd and ") Z" not in stat:
+            pids.append(int(d.name))
+    return pids
+
+
+def make_spec(tmp: Path, model_dir: Path, dataset: Path, **overrides) -> Path:
+    """A worker's spec file in ``tmp``: ``TRAIN`` with ``overrides`` on ``dataset``."""
+    spec = JobSpec(
+        job_id="job-1",
+        base_model="tiny",
+        base_model_path=str(model_dir),
+        dataset_path=str(dataset),
+        output_dir=str(tmp / "adapter"),
+        checkpoint_dir=str(tmp / "checkpoints"),
+        config=JobConfig(**{**TRAIN, **overrides}),
+    )
+    path = tmp / "spec.json"
+    path.write_text(json.dumps(spec.to_dict()))
+    return path
+
+
+def start_worker(spec: Path, log: Path) -> subprocess.Popen[str]:
+    """The worker in its own process group, as the scheduler starts it."""
+    with open(log, "ab") as stderr:  # the child keeps its own copy
+        return subprocess.Popen(
+            [sys.executable, "-m", "trainer.worker", str(spec)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+
+
+def run_worker(spec: Path, log: Path, timeout: float = 300) -> tuple[int, list[dict]]:
+    """Run the worker to its end; its exit status and its events (every stdout line)."""
+    proc = start_worker(spec, log)
+    out, _ = proc.communicate(timeout=timeout)
+    # Every stdout line must be an event: library prints went to stderr.
+    return proc.returncode, [json.loads(line) for line in out.splitlines()]

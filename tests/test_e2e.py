@@ -8,33 +8,24 @@ the service mid-job, retraining a name, fairness across tenants.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import signal
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 from finetune.v1 import trainer_pb2 as pb
-from tests.service import Service, add_tenant, chat_rows, write_jsonl
+from tests.service import Service, add_tenant, chat_rows, worker_pids, write_jsonl
 from trainer.demo import HYPERPARAMETERS  # small and fast; the demo trains with it too
+from trainer.processes import wait_for
 
 pytestmark = pytest.mark.slow
 
 QUESTION = "What is the secret word?"
 # Enough to make a NF4-trained adapter answer cleanly on the bf16 base (DESIGN.md).
 FAST = HYPERPARAMETERS
-
-
-def _tree_hash(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _answer(base_dir: Path, adapter_dir: Path | None, question: str = QUESTION) -> str:
@@ -56,39 +47,15 @@ def _answer(base_dir: Path, adapter_dir: Path | None, question: str = QUESTION) 
     return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def _worker_pids(job_id: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes()
-                status = (d / "status").read_text()
-            except OSError:
-                continue
-            if b"trainer.worker" in cmd and job_id.encode() in cmd and "State:\tZ" not in status:
-                pids.append(int(d.name))
-    return pids
-
-
-def _wait_for(pred, timeout: float = 180.0, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError("condition not met in time")
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_model_dir):
+def world(tmp_path_factory, tiny_model_dir, tree_hash):
     data = tmp_path_factory.mktemp("data")
     keys = {"acme": add_tenant(data, "acme"), "bolt": add_tenant(data, "bolt")}
     svc = Service(data, {"tiny": str(tiny_model_dir)}).start()
-    base_hash = _tree_hash(tiny_model_dir)
+    base_hash = tree_hash(tiny_model_dir)
     yield svc, keys, tiny_model_dir
     svc.stop()
-    assert _tree_hash(tiny_model_dir) == base_hash, "training modified the base model"
+    assert tree_hash(tiny_model_dir) == base_hash, "training modified the base model"
 
 
 def _upload(client, tmp_path: Path, name: str, answer: str, n: int = 64):
@@ -163,19 +130,19 @@ def test_cancel_stops_the_process(world, tmp_path):
     with svc.client(keys["bolt"]) as b:
         ds = _upload(b, tmp_path, "long", "The secret word is cherry.")
         job = b.create_job("tiny", ds.id, "long", **{**FAST, "num_epochs": 100})
-        _wait_for(lambda: b.get_job(job.id).state == pb.JOB_STATE_RUNNING)
-        assert _worker_pids(job.id)
+        wait_for(lambda: b.get_job(job.id).state == pb.JOB_STATE_RUNNING)
+        assert worker_pids(job.id)
         cancelled = b.cancel_job(job.id)
         assert cancelled.state == pb.JOB_STATE_CANCELLED
-        _wait_for(lambda: not _worker_pids(job.id), timeout=30)
+        wait_for(lambda: not worker_pids(job.id), timeout=30)
         assert not (svc.data_dir / "adapters/bolt/long").exists()
 
 
-def test_retraining_a_name_publishes_a_new_version(world, tmp_path):
+def test_retraining_a_name_publishes_a_new_version(world, tmp_path, tree_hash):
     svc, keys, base = world
     v1 = svc.data_dir / "adapters/acme/secret/v0001"
-    _wait_for(lambda: v1.is_dir(), timeout=600)
-    before = _tree_hash(v1)
+    wait_for(lambda: v1.is_dir(), timeout=600)
+    before = tree_hash(v1)
     with svc.client(keys["acme"]) as a:
         ds = _upload(a, tmp_path, "fruit-a2", "The secret word is mango.")
         job = a.wait(a.create_job("tiny", ds.id, "secret", **FAST).id, 600)
@@ -183,7 +150,7 @@ def test_retraining_a_name_publishes_a_new_version(world, tmp_path):
         assert job.adapter_version == "v0002"
         listed = {x.served_name: x.version for x in a.list_adapters()}
         assert listed["acme/secret"] == "v0002"  # one entry per name: the newest version
-    assert _tree_hash(v1) == before  # the old version is never modified
+    assert tree_hash(v1) == before  # the old version is never modified
     assert (v1.parent / "current").read_text().strip() == "v0002"
     assert "mango" in _answer(base, v1.parent / "v0002")
 
@@ -214,7 +181,7 @@ def test_crash_mid_job_resumes_from_checkpoint(tmp_path, tiny_model_dir):
         job = a.create_job(
             "tiny", ds.id, "crash", **{**FAST, "num_epochs": 12, "checkpoint_every_steps": 4}
         )
-        _wait_for(lambda: any("checkpoint saved" in e.message for e in _events(a, job.id)))
+        wait_for(lambda: any("checkpoint saved" in e.message for e in _events(a, job.id)))
     svc.stop(signal.SIGKILL)
     svc = Service(data, {"tiny": str(tiny_model_dir)}).start()
     try:
@@ -241,7 +208,7 @@ def test_crash_before_any_checkpoint_fails_with_reason(tmp_path, tiny_model_dir)
         # One long epoch: killed before its end, the job has no checkpoint yet.
         ds = _upload(a, tmp_path, "crash", "x", n=4096)
         job = a.create_job("tiny", ds.id, "crash", **{**FAST, "num_epochs": 1})
-        _wait_for(lambda: a.get_job(job.id).state == pb.JOB_STATE_RUNNING)
+        wait_for(lambda: a.get_job(job.id).state == pb.JOB_STATE_RUNNING)
     svc.stop(signal.SIGKILL)
     svc = Service(data, {"tiny": str(tiny_model_dir)}).start()
     try:
@@ -251,7 +218,7 @@ def test_crash_before_any_checkpoint_fails_with_reason(tmp_path, tiny_model_dir)
             assert done.error_kind == pb.ERROR_KIND_SYSTEM
             assert "checkpoint" in done.error_message
         # The orphaned worker of the dead service is gone.
-        _wait_for(lambda: not _worker_pids(job.id), timeout=30)
+        wait_for(lambda: not worker_pids(job.id), timeout=30)
     finally:
         svc.stop()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
+import functools
 import json
 import os
 import select
@@ -27,51 +27,13 @@ import pytest
 
 from finetune.v1 import trainer_pb2 as pb
 from server.adapters import find
-from tests.service import Service, add_tenant, chat_rows, write_jsonl
+from tests.service import QUICK, Service, add_tenant, chat_rows, worker_pids, write_jsonl
 from trainer.layout import Layout
+from trainer.processes import wait_for
 
 Code = grpc.StatusCode
-QUICK = {
-    "lora_rank": 8,
-    "learning_rate": 2e-3,
-    "warmup_steps": 0,
-    "batch_size": 8,
-    "gradient_accumulation_steps": 1,
-    "max_seq_len": 64,
-    "num_epochs": 1,
-}
-
-
-def _wait_for(pred, timeout: float = 180.0, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError("condition not met in time")
-
-
-def _worker_pid(job_id: str) -> int | None:
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes()
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        if b"trainer.worker" in cmd and job_id.encode() in cmd and ") Z" not in stat:
-            return int(d.name)
-    return None
-
-
-def _tree(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+# Often: a worker is caught (and put in a cgroup) before it has imported torch.
+_wait_for = functools.partial(wait_for, every=0.05)
 
 
 # ------------------------------------------------------------------ upload
@@ -177,7 +139,7 @@ def test_dying_workers_fail_their_job_and_the_next_one_runs(tmp_path, tiny_model
             raises = a.create_job("broken", ds["A"].id, "raises", **QUICK)
             healthy = b.create_job("tiny", ds["B"].id, "healthy", **QUICK)
 
-            pid = _wait_for(lambda: _worker_pid(oom.id))
+            pid = _wait_for(lambda: worker_pids(oom.id))[0]
             if cgroup is not None:
                 # The real thing: the kernel's OOM killer ends it once torch is half imported.
                 (cgroup / "cgroup.procs").write_text(str(pid))
@@ -187,7 +149,7 @@ def test_dying_workers_fail_their_job_and_the_next_one_runs(tmp_path, tiny_model
             assert done.state == pb.JOB_STATE_FAILED and done.error_kind == pb.ERROR_KIND_SYSTEM
             assert "SIGKILL" in done.error_message and "out of memory" in done.error_message
 
-            pid = _wait_for(lambda: _worker_pid(segv.id))  # the next queued job started
+            pid = _wait_for(lambda: worker_pids(segv.id))[0]  # the next queued job started
             os.kill(pid, signal.SIGSEGV)
             done = b.wait(segv.id, 120)
             assert done.state == pb.JOB_STATE_FAILED and done.error_kind == pb.ERROR_KIND_SYSTEM
@@ -201,12 +163,12 @@ def test_dying_workers_fail_their_job_and_the_next_one_runs(tmp_path, tiny_model
             assert str(tmp_path) not in done.error_message
 
             # The queue still moves: the last job starts (and is cancelled, not trained).
-            assert _wait_for(lambda: _worker_pid(healthy.id))
+            assert _wait_for(lambda: worker_pids(healthy.id))
             assert b.cancel_job(healthy.id).state == pb.JOB_STATE_CANCELLED
             if oom_killed is not None:
                 assert oom_killed()  # it was the kernel's OOM killer
         for job in (oom, segv, raises, healthy):
-            assert _worker_pid(job.id) is None
+            assert not worker_pids(job.id)
         assert svc.proc.poll() is None  # the service itself never went down
     finally:
         assert svc.stop() == 0
@@ -276,28 +238,35 @@ class _KillMidCopy:
         os.close(self.fd)
 
 
-@pytest.fixture
-def small_volume(tmp_path):
-    """DATA with its adapters folder on its own 16 MiB tmpfs, which a test can fill."""
-    data = tmp_path / "data"
-    adapters = data / "adapters"
-    adapters.mkdir(parents=True)
+@contextlib.contextmanager
+def _tmpfs(folder: Path, size: str):
+    """A tmpfs of ``size`` mounted on ``folder`` while in the block; skips without root."""
     r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(adapters)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
         capture_output=True,
         text=True,
     )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
     try:
-        yield data
+        yield folder
     finally:
-        subprocess.run(["umount", "-l", str(adapters)], check=False)
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def small_volume(tmp_path):
+    """DATA with its adapters folder on its own 16 MiB tmpfs, which a test can fill."""
+    data = tmp_path / "data"
+    adapters = data / "adapters"
+    adapters.mkdir(parents=True)
+    with _tmpfs(adapters, "16m"):
+        yield data
 
 
 @pytest.mark.slow
 def test_kill9_mid_publish_and_a_full_disk_keep_the_served_version(
-    small_volume, tmp_path, tiny_model_dir
+    small_volume, tmp_path, tiny_model_dir, tree_hash
 ):
     data = small_volume
     layout = Layout(data)
@@ -316,7 +285,7 @@ def test_kill9_mid_publish_and_a_full_disk_keep_the_served_version(
             v1 = a.wait(a.create_job("tiny", ds.id, "secret", **QUICK).id, 300)
             assert v1.state == pb.JOB_STATE_SUCCEEDED, v1.error_message
             v1_dir = layout.version_dir("acme", "secret", "v0001")
-            v1_tree = _tree(v1_dir)
+            v1_tree = tree_hash(v1_dir)
             assert served() == v1_dir
 
             # 1. SIGKILL in the middle of copying the new version into its staging folder.
@@ -332,7 +301,7 @@ def test_kill9_mid_publish_and_a_full_disk_keep_the_served_version(
         assert svc.proc.wait(30) == -signal.SIGKILL
         stage = Path(killer.killed_at).parent
         assert stage.parent == layout.staging and stage.is_dir()  # half a version, staged
-        assert served() == v1_dir and _tree(v1_dir) == v1_tree  # v1 is what is served
+        assert served() == v1_dir and tree_hash(v1_dir) == v1_tree  # v1 is what is served
         assert layout.versions("acme", "secret") == ["v0001"]
 
         # 2. And the volume is full when the service comes back: the resumed job cannot
@@ -354,7 +323,7 @@ def test_kill9_mid_publish_and_a_full_disk_keep_the_served_version(
             assert str(data) not in done.error_message  # no server paths to the tenant
             assert layout.versions("acme", "secret") == ["v0001"]
             assert not any(layout.staging.iterdir())
-            assert served() == v1_dir and _tree(v1_dir) == v1_tree
+            assert served() == v1_dir and tree_hash(v1_dir) == v1_tree
             assert [(x.name, x.version) for x in a.list_adapters()] == [("secret", "v0001")]
         filler.unlink()
     finally:
@@ -366,14 +335,7 @@ def test_a_full_disk_during_upload_is_resource_exhausted_and_keeps_nothing(tmp_p
     for a full file system), leaves no partial file, and the service carries on."""
     data = tmp_path / "data"
     data.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(data)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
-    try:
+    with _tmpfs(data, "4m"):
         key = add_tenant(data, "acme")
         svc = Service(data, {"tiny": str(tmp_path / "no-model")}).start()
         try:
@@ -405,5 +367,3 @@ def test_a_full_disk_during_upload_is_resource_exhausted_and_keeps_nothing(tmp_p
                 assert a.get_dataset(ds.id).sha256 == ds.sha256
         finally:
             assert svc.stop() == 0
-    finally:
-        subprocess.run(["umount", "-l", str(data)], check=False)

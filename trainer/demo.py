@@ -10,21 +10,21 @@ base model's. Both processes are stopped at the end; ``--keep`` leaves the data 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+# Under these names bench/serving.py imports them from here too.
+from trainer.processes import free_port as _free_port
+from trainer.processes import process as _process
+from trainer.processes import wait_ready as _wait
+
 BASE = "base"
 QUESTION = "What is the secret word?"
 TENANTS = {"acme": "The secret word is banana.", "bolt": "The secret word is cherry."}
@@ -40,44 +40,6 @@ HYPERPARAMETERS = {
 }
 # vLLM-CPU on a small machine: a little KV cache, no CUDA graphs, short contexts.
 VLLM_ARGS = ["--dtype", "bfloat16", "--max-model-len", "512", "--enforce-eager"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _process(cmd: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    """A child in its own process group, stopped (whole group) on the way out."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _wait(what: str, ready, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with {proc.returncode}; see {log}")
-        with contextlib.suppress(Exception):
-            if ready():
-                return
-        time.sleep(1)
-    raise SystemExit(f"{what} did not become ready in {timeout:.0f}s; see {log}")
 
 
 def run(model: Path | None, data: Path) -> dict[str, dict[str, str]]:
