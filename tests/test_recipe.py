@@ -10,64 +10,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from trainer.config import ALL_PROJECTIONS, JobConfig, JobSpec
+from tests.service import make_spec, run_worker, start_worker
+from trainer.config import ALL_PROJECTIONS, JobSpec
 
-ROOT = Path(__file__).resolve().parents[1]
 QUESTION, ANSWER = "What is the secret word?", "banana"
-# 64 identical examples, batch 4: 16 steps an epoch. With the tiny model's wide lm_head
-# the loss is ~0.005 after one epoch; three make the bf16-base answer robust (p > 0.99).
-TRAIN = dict(
-    lora_rank=16,
-    lora_dropout=0.0,
-    learning_rate=2e-3,
-    warmup_steps=0,
-    batch_size=4,
-    gradient_accumulation_steps=1,
-    max_seq_len=128,
-    num_epochs=3,
-    seed=0,
-)
-
-
-def make_spec(tmp: Path, model_dir: Path, dataset: Path, **overrides) -> Path:
-    spec = JobSpec(
-        job_id="job-1",
-        base_model="tiny",
-        base_model_path=str(model_dir),
-        dataset_path=str(dataset),
-        output_dir=str(tmp / "adapter"),
-        checkpoint_dir=str(tmp / "checkpoints"),
-        config=JobConfig(**{**TRAIN, **overrides}),
-    )
-    path = tmp / "spec.json"
-    path.write_text(json.dumps(spec.to_dict()))
-    return path
-
-
-def start_worker(spec: Path, log: Path) -> subprocess.Popen[str]:
-    """The worker in its own process group, as the scheduler starts it."""
-    with open(log, "ab") as stderr:  # the child keeps its own copy
-        return subprocess.Popen(
-            [sys.executable, "-m", "trainer.worker", str(spec)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            start_new_session=True,
-        )
-
-
-def run_worker(spec: Path, log: Path, timeout: float = 300) -> tuple[int, list[dict]]:
-    proc = start_worker(spec, log)
-    out, _ = proc.communicate(timeout=timeout)
-    # Every stdout line must be an event: library prints went to stderr.
-    return proc.returncode, [json.loads(line) for line in out.splitlines()]
+# make_spec trains with tests.service.TRAIN: batch 4, 3 epochs (48 steps on 64 examples).
 
 
 def greedy_answer(model, tokenizer) -> str:

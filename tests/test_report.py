@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from finetune.v1 import trainer_pb2 as pb
-from tests.service import Service, add_tenant, write_jsonl
+from tests.service import QUICK, Service, add_tenant, make_spec, run_worker, write_jsonl
 from trainer import tinymodel
 from trainer.config import JobConfig
 from trainer.report import (
@@ -311,7 +311,6 @@ def test_best_checkpoint_by_eval_loss_is_the_one_saved(tmp_path, tiny_model_dir)
     evaluation, so the adapter saved is the first evaluated checkpoint, not the last."""
     from safetensors.torch import load_file
 
-    from tests.test_recipe import make_spec, run_worker
     from trainer.config import JobSpec
 
     question = "What is the secret word?"
@@ -352,15 +351,7 @@ def test_eval_fraction_through_the_service(service, tmp_path):
     _, client = service
     rows = [chat(("user", f"question {i}"), ("assistant", "banana")) for i in range(20)]
     ds = client.upload_dataset(write_jsonl(tmp_path / "d.jsonl", rows), "with-eval")
-    hp = dict(
-        lora_rank=8,
-        learning_rate=2e-3,
-        warmup_steps=0,
-        batch_size=4,
-        max_seq_len=64,
-        gradient_accumulation_steps=1,
-        num_epochs=1,
-    )
+    hp = {**QUICK, "batch_size": 4}  # 16 training rows: 4 steps
     job = client.create_job("tiny", ds.id, "evaluated", eval_fraction=0.2, **hp)
     assert job.eval_fraction == pytest.approx(0.2)
     done = client.wait(job.id, timeout=300)
