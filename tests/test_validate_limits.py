@@ -109,3 +109,30 @@ def test_cap_per_tenant_and_a_base_without_tokenizer(tmp_path, tiny_model_dir):
         acme.close()
         bolt.close()
         assert svc.stop() == 0, svc.log()[-3000:]
+
+
+@pytest.mark.slow
+def test_a_job_on_a_base_without_tokenizer_fails_naming_the_base(tmp_path, tiny_model_dir):
+    """The job's own validation (in the worker) says the same, without the folder."""
+    from finetune.v1 import trainer_pb2 as pb
+
+    data = tmp_path / "data"
+    notok = tmp_path / "models" / "notok"
+    notok.mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "config.json", notok / "config.json")
+    key = add_tenant(data, "acme")
+    svc = Service(data, {"notok": str(notok)}).start()
+    path = write_jsonl(tmp_path / "d.jsonl", chat_rows("What is the secret word?", "banana", 12))
+    try:
+        with svc.client(key) as acme:
+            job = acme.create_job("notok", acme.upload_dataset(path, "d").id, "secret")
+            ended = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+            done = _wait_for(lambda: (j := acme.get_job(job.id)).state in ended and j, timeout=120)
+        assert done.state == pb.JOB_STATE_FAILED
+        assert done.error_kind == pb.ERROR_KIND_SYSTEM  # the operator's to repair
+        assert done.error_message.startswith(
+            "base model 'notok': its tokenizer cannot be loaded"
+        ), done.error_message
+        assert str(tmp_path) not in done.error_message
+    finally:
+        assert svc.stop() == 0, svc.log()[-3000:]

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(argv) != 1:
             raise SystemExit("usage: python -m trainer.worker SPEC_JSON")
         from trainer.config import JobSpec
-        from trainer.errors import InvalidArgument
+        from trainer.errors import FailedPrecondition, InvalidArgument
 
         with open(argv[0], encoding="utf-8") as f:
             raw = json.load(f)
@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         events.emit("error", kind="user", message=str(e))
         return EXIT_USER
+    except FailedPrecondition as e:  # the operator's to repair (a base model's files): said plainly
+        traceback.print_exc()
+        events.emit("error", kind="system", message=str(e))
+        return EXIT_SYSTEM
     except BaseException as e:
         traceback.print_exc()
         events.emit("error", kind="system", message=system_error_message(e))
