@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from tests.service import Service, add_tenant, chat_rows, write_jsonl
 from trainer.__main__ import build_parser
 from trainer.config import ServiceConfig
+from trainer.processes import wait_for
 
 
 def _validation_pids(data: Path) -> list[int]:
@@ -33,15 +33,6 @@ def _validation_pids(data: Path) -> list[int]:
         if b"trainer.report" in cmd and bytes(data / "tmp") in cmd and ") Z" not in stat:
             pids.append(int(d.name))
     return pids
-
-
-def _wait_for(pred, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := pred():
-            return value
-        time.sleep(0.02)
-    raise TimeoutError("condition not met in time")
 
 
 def _refused(call) -> tuple[grpc.StatusCode, str]:
@@ -78,7 +69,7 @@ def test_cap_per_tenant_and_a_base_without_tokenizer(tmp_path, tiny_model_dir):
         with ThreadPoolExecutor(2) as pool:
             # acme's first validation is held running: its subprocess stopped.
             first = pool.submit(acme.validate_dataset, ds_a.id, "tiny")
-            held = _wait_for(lambda: _validation_pids(data))
+            held = wait_for(lambda: _validation_pids(data), timeout=30, every=0.02)
             for pid in held:
                 os.kill(pid, signal.SIGSTOP)
 
@@ -87,7 +78,7 @@ def test_cap_per_tenant_and_a_base_without_tokenizer(tmp_path, tiny_model_dir):
             assert "1 ValidateDataset call(s) running" in details and "try again" in details
             # The cap is acme's alone: bolt's call starts while acme's is held...
             other = pool.submit(bolt.validate_dataset, ds_b.id, "tiny")
-            _wait_for(lambda: len(_validation_pids(data)) == 2)
+            wait_for(lambda: len(_validation_pids(data)) == 2, timeout=30, every=0.02)
             for pid in held:  # ...and both then run to their reports.
                 os.kill(pid, signal.SIGCONT)
             held = []
@@ -127,7 +118,7 @@ def test_a_job_on_a_base_without_tokenizer_fails_naming_the_base(tmp_path, tiny_
         with svc.client(key) as acme:
             job = acme.create_job("notok", acme.upload_dataset(path, "d").id, "secret")
             ended = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
-            done = _wait_for(lambda: (j := acme.get_job(job.id)).state in ended and j, timeout=120)
+            done = wait_for(lambda: (j := acme.get_job(job.id)).state in ended and j, timeout=120)
         assert done.state == pb.JOB_STATE_FAILED
         assert done.error_kind == pb.ERROR_KIND_SYSTEM  # the operator's to repair
         assert done.error_message.startswith(
