@@ -159,7 +159,7 @@ def test_dying_workers_fail_their_job_and_the_next_one_runs(tmp_path, tiny_model
             assert done.state == pb.JOB_STATE_FAILED, done.error_message
             assert done.error_message and "Traceback" not in done.error_message
             # The reason names the base model; the server's folders are not shown.
-            assert "<base model broken>" in done.error_message, done.error_message
+            assert "base model 'broken'" in done.error_message, done.error_message
             assert str(tmp_path) not in done.error_message
 
             # The queue still moves: the last job starts (and is cancelled, not trained).
