@@ -316,8 +316,10 @@ def apply_variant(model, variant: str) -> dict:
     ``-addmm`` (the LoRA layer as PEFT modules + one ``addmm``, not one autograd node),
     ``-nolean`` (the recompute runs the down projection too), ``-noreplay`` (the
     recompute runs the attention and q/k/v again instead of replaying what the forward
-    parked) and ``-nansync`` (the Trainer's per-micro-step NaN check) turn one piece off
-    each; ``-drop0`` sets LoRA dropout to 0.
+    parked), ``-nansync`` (the Trainer's per-micro-step NaN check) and ``-loraafter``
+    (the LoRA term added after the base GEMM in every layer, not written first where
+    ``fastpath.lora_first`` says) turn one piece off each; ``-drop0`` sets LoRA dropout
+    to 0.
     """
     import sys
 
@@ -357,7 +359,10 @@ def apply_variant(model, variant: str) -> dict:
     modeling = sys.modules[type(base).__module__]
     if hasattr(modeling, "_fastpath_eager_rope"):
         rope = modeling._fastpath_eager_rope if eager else modeling._fastpath_compiled_rope
-        modeling.apply_rotary_pos_emb = rope
+        if hasattr(modeling, "_fastpath_rope"):  # behind the replay's RoPE function
+            modeling._fastpath_rope = rope
+        else:
+            modeling.apply_rotary_pos_emb = rope
     for module in model.modules():
         if isinstance(module, LoraLayer) and hasattr(module, "_fastpath_forward"):
             if "nofuse" in flags:
@@ -365,6 +370,10 @@ def apply_variant(model, variant: str) -> dict:
             else:
                 module.forward = fastpath._fused_lora_forward.__get__(module)
             module._fastpath_autograd = "addmm" not in flags
+            if not hasattr(module, "_bench_lora_first"):
+                module._bench_lora_first = getattr(module, "_fastpath_lora_first", (False, False))
+            after = "loraafter" in flags
+            module._fastpath_lora_first = (False, False) if after else module._bench_lora_first
             if hasattr(module, "_fastpath_output_unused"):
                 module._fastpath_output_unused = "nolean" not in flags
             if not hasattr(module, "_bench_dropout"):
@@ -412,8 +421,8 @@ def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             prof = None
-            if args.profile and workload == "full" and variant in ("reference", "fast"):
-                prof = args.out / f"profile_{variant}.txt"
+            if args.profile and variant == "fast":
+                prof = args.out / f"profile_{variant}_{workload}.txt"
             meter = Meter(model, args.warmup, args.measure, prof)
             trainer = SFTTrainer(
                 model=model,
@@ -450,9 +459,11 @@ def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None
 # ------------------------------------------------------------------ orchestration
 
 
-def run_child(cmd: list[str], logf, timeout: float, extra_path: str = "") -> list[dict]:
+def run_child(
+    cmd: list[str], logf, timeout: float, extra_path: str = "", extra_env: dict | None = None
+) -> list[dict]:
     path = ":".join(p for p in (str(ROOT), extra_path, os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": path}
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": path, **(extra_env or {})}
     results = []
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
@@ -519,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workloads", default="full,mix")
     p.add_argument("--warmup", type=int, default=1, help="optimizer steps (x4 micro-steps)")
     p.add_argument("--measure", type=int, default=4, help="optimizer steps (x4 micro-steps)")
-    p.add_argument("--profile", action="store_true", help="profile one step of the full runs")
+    p.add_argument("--profile", action="store_true", help="profile one step of the fast path's runs")
     p.add_argument("--budget-s", type=float, default=540, help="stop starting recipes after this")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
@@ -556,7 +567,11 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [*me, "--worker", recipe, "--variants", args.variants, *common]
             # Unsloth's wheels (and its torchao) are on the path of its own subprocess only.
             extra = os.environ.get("BENCH_UNSLOTH_PATH", "") if recipe == "unsloth" else ""
-            results += run_child(cmd, logf, left, extra)
+            # The product's allocator setting, as trainer.worker sets it for every job.
+            env = (
+                {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if recipe == "fast" else {}
+            )
+            results += run_child(cmd, logf, left, extra, env)
     with open(args.out / "results.jsonl", "a") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")

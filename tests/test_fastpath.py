@@ -24,7 +24,7 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
 )
 
-from trainer import fastpath  # noqa: E402
+from trainer import fastpath, kernels  # noqa: E402
 from trainer.config import ALL_PROJECTIONS  # noqa: E402
 
 VOCAB = 256
@@ -187,12 +187,34 @@ def test_padded_batch_falls_back_to_masked_attention(tiny_model_dir):
     torch.testing.assert_close(padded[1, :6].float(), alone[0].float(), rtol=2e-2, atol=2e-2)
 
 
+class _DrawnMask(torch.nn.Module):
+    """Dropout with the mask ``trainer.kernels`` draws for the seed that follows
+    ``torch.manual_seed(7)``: PEFT's forward with the fast path's mask, as a reference."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        torch.manual_seed(7)
+        ones = torch.ones(x.numel() // x.shape[-1], x.shape[-1], device=x.device, dtype=x.dtype)
+        keep = kernels.dropout(ones, self.p, kernels.new_seed()) != 0
+        return x * keep.view(x.shape) / (1 - self.p)
+
+
 def _layer_matches_peft(layer, x, dropout: float) -> None:
-    """The fast path's layer (one autograd node) against PEFT's own forward, same RNG."""
-    layer.lora_dropout["default"] = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
+    """The fast path's layer (one autograd node) against PEFT's own forward, same mask."""
+    drawn = dropout and kernels.available(x.detach().reshape(-1, x.shape[-1]))
+    peft_dropout = _DrawnMask(dropout) if drawn else torch.nn.Dropout(dropout)
     weights = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
     runs = []
     for forward in (layer.forward, layer._fastpath_forward):
+        fast = forward == layer.forward
+        layer.lora_dropout["default"] = (
+            (torch.nn.Dropout(dropout) if fast else peft_dropout)
+            if dropout
+            else torch.nn.Identity()
+        )
         torch.manual_seed(7)  # the same dropout mask for both
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
             out = forward(x)
@@ -206,13 +228,25 @@ def _layer_matches_peft(layer, x, dropout: float) -> None:
         assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-2
 
 
+@pytest.mark.parametrize("first", [(False, False), (True, True)])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_fused_lora_layer_matches_peft(tiny_model_dir, dropout):
+def test_fused_lora_layer_matches_peft(tiny_model_dir, dropout, first):
+    """Either order of the LoRA term and the base GEMM (``fastpath.lora_first`` picks
+    one per layer shape) computes PEFT's layer."""
     model = _load(tiny_model_dir, fast=True).train()
     layers = model.base_model.model.model.layers
     for layer in (layers[0].mlp.up_proj, layers[1].self_attn.k_proj):
+        layer._fastpath_lora_first = first
         x = torch.randn(2, 5, 128, dtype=torch.bfloat16, requires_grad=True)
         _layer_matches_peft(layer, x, dropout)
+
+
+def test_lora_term_order_follows_the_measured_shapes():
+    # Llama 3.1 8B: q/o, k/v, gate/up, down (bench/lora_kernels.py on the H200).
+    assert fastpath.lora_first(4096, 4096) == (False, True)
+    assert fastpath.lora_first(4096, 1024) == (False, False)
+    assert fastpath.lora_first(4096, 14336) == (True, True)
+    assert fastpath.lora_first(14336, 4096) == (True, True)
 
 
 def _lean_and_replay_runs(model, monkeypatch, device="cpu"):
@@ -227,10 +261,13 @@ def _lean_and_replay_runs(model, monkeypatch, device="cpu"):
         if hasattr(layer, "lora_dropout"):
             layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
     ids, pos, labels = (t.to(device) for t in _pack(_examples([9, 14, 5], seed=6)))
-    dequantised = []
-    real = fastpath._base_weight
+    dequantised, rotated_back = [], []
+    real, real_rope_grad = fastpath._base_weight, fastpath._rope_grad
     monkeypatch.setattr(
         fastpath, "_base_weight", lambda base, dt: dequantised.append(base) or real(base, dt)
+    )
+    monkeypatch.setattr(
+        fastpath, "_rope_grad", lambda *a: rotated_back.append(a[0]) or real_rope_grad(*a)
     )
     runs = []
     for lean, replay in ((True, True), (True, False), (False, False)):
@@ -239,9 +276,13 @@ def _lean_and_replay_runs(model, monkeypatch, device="cpu"):
         for a in attns:
             a._fastpath_replay = replay
         dequantised.clear()
+        rotated_back.clear()
         torch.manual_seed(11)
         loss = model(input_ids=ids, position_ids=pos, labels=labels).loss
         loss.backward()
+        # A replayed layer skips RoPE's forward and rotates q's and k's gradients back.
+        if device == "cpu":
+            assert len(rotated_back) == (2 * 2 if replay else 0)
         runs.append((loss.detach(), _lora_grads(model), len(dequantised)))
         model.zero_grad(set_to_none=True)
     return runs
@@ -258,6 +299,84 @@ def test_lean_recompute_and_attention_replay_change_no_gradient(tiny_model_dir, 
     assert n_lean - n_all == 3 * 2  # and q, k and v's too
     assert torch.equal(loss_all, loss_full) and torch.equal(loss_lean, loss_full)
     assert torch.equal(g_all, g_full) and torch.equal(g_lean, g_full)
+
+
+_INTERPRETED_DROPOUT = """
+import torch
+from trainer import fastpath, kernels
+
+assert kernels.INTERPRET
+torch.manual_seed(0)
+p, seed = 0.25, 1234
+ones = torch.ones(300, 512)
+drawn = kernels.dropout(ones, p, seed)
+keep = drawn != 0
+assert torch.equal(drawn[keep], torch.full_like(drawn[keep], 1 / (1 - p)))
+assert abs(keep.float().mean().item() - (1 - p)) < 0.01, keep.float().mean()
+assert torch.equal(kernels.dropout(ones, p, seed), drawn)
+assert not torch.equal(kernels.dropout(ones, p, seed + 1), drawn)
+# The mask belongs to the element index, not to the shape it is drawn in.
+assert torch.equal(kernels.dropout(torch.ones(2400, 64), p, seed).view(300, 512), drawn)
+x = torch.randn(300, 512)
+torch.testing.assert_close(kernels.dropout(x, p, seed), x * keep / (1 - p))
+
+# The backward's epilogue draws the same mask again.
+acc, g, a = torch.randn(300, 512), torch.randn(300, 8), torch.randn(8, 512)
+want = acc + (g @ a) * keep / (1 - p)
+torch.testing.assert_close(kernels.add_masked_lora_grad(acc, g, a, p, seed), want)
+
+# The one-node LoRA layer on a plain linear base: the kernels' path against autograd over
+# the same formula with the drawn mask, and a checkpoint's recompute draws that mask again.
+base = torch.nn.Linear(64, 48, bias=False)
+A = torch.randn(8, 64, requires_grad=True)
+B = torch.randn(48, 8, requires_grad=True)
+x0 = torch.randn(2, 20, 64)
+
+def grads(run):
+    x = x0.clone().requires_grad_(True)
+    torch.manual_seed(3)
+    run(x).square().sum().backward()
+    out = [t.grad.clone() for t in (x, A, B)]
+    for t in (A, B):
+        t.grad = None
+    return out
+
+def node(h, first=(False, False)):
+    return fastpath._LoraLinear.apply(h, A, B, base, 2.0, 0.3, False, first)
+
+def reference(h):
+    torch.manual_seed(3)
+    mask = kernels.dropout(torch.ones(40, 64), 0.3, kernels.new_seed()).view(2, 20, 64) != 0
+    return base(h) + 2.0 * ((h * mask / 0.7) @ A.t()) @ B.t()
+
+want = grads(reference)
+first = lambda h: node(h, (True, True))  # noqa: E731  (the LoRA term written first)
+runs = [grads(node), grads(first), grads(lambda h: fastpath.offloaded_checkpoint(node, h))]
+for got in runs:
+    for g_got, g_want in zip(got, want):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+def test_dropout_kernels_in_the_triton_interpreter():
+    """The Triton dropout (no stored mask) and the backward epilogue that draws the mask
+    again, run by Triton's interpreter on the CPU (float32): the kept share is 1 - p, the
+    mask depends only on seed and element, the epilogue's mask is the forward's, and the
+    LoRA node's gradients match autograd over the same mask, through a recompute too."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED_DROPOUT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 def test_sft_args_leave_the_gpu_queue_alone():

@@ -32,14 +32,17 @@ and each runs for real on the CPU too, where the tests check it:
   its backward runs a dropout-backward pass and a separate add. ``fuse_lora`` gives each
   layer ``_LoraLinear``: ``base + scaling * (dropout(x) A^T) B^T`` with the LoRA term
   added into the base GEMM's output in place, and the input gradient's LoRA term added
-  into the base one in place.
+  into the base one in place. Its dropout mask is drawn from a seed in a Triton kernel
+  and never stored (``trainer.kernels``): the backward draws it again in the epilogue of
+  the small GEMM that adds the LoRA term to the input gradient.
 * **Lean recompute.** A Llama-style layer ends in ``residual + down_proj(...)``; when the
   backward recomputes the layer, that output's value is never read, so the down
   projection's GEMM (a quarter of the layer's) is skipped there.
 * **Attention replay.** The forward parks each layer's attention inputs, output and
   log-sum-exp in host memory beside the layer input (5 GiB a micro-step at 8B x 8192
   tokens, over the bus while the GPU computes); the recompute runs the attention backward
-  on them, so it skips the attention forward and the q/k/v GEMMs.
+  on them, so it skips the attention forward, the q/k/v GEMMs and RoPE's forward (its
+  backward, the inverse rotation, still runs).
 * **No per-micro-step host reads.** ``cu_seqlens`` costs one small copy to the host per
   forward, and the Trainer's NaN filter of the logged loss (a host read after every
   micro-step, which drains the GPU queue) is off.
@@ -60,6 +63,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from trainer import kernels
 
 ATTN_IMPLEMENTATION = "fastpath_varlen"
 
@@ -300,6 +305,47 @@ class _AttentionReplay(torch.autograd.Function):
         return (dq, dk, dv, None, None, None, None) + (None,) * len(parked)
 
 
+def _rope_grad(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The gradient through ``x * cos + rotate_half(x) * sin``: the inverse rotation."""
+    u = grad * sin
+    half = u.shape[-1] // 2
+    return grad * cos + torch.cat((u[..., half:], -u[..., :half]), dim=-1)
+
+
+class _RopeReplay(torch.autograd.Function):
+    """RoPE in a replayed layer's recompute: the attention reads the parked q and k, so
+    the rotated ones are never computed; the backward rotates their gradients back."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, unsqueeze_dim):  # type: ignore[override]
+        ctx.save_for_backward(cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim))
+        return torch.empty_like(q), torch.empty_like(k)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        grad = _COMPILED.get("rope_grad", _rope_grad) if grad_q.is_cuda else _rope_grad
+        return grad(grad_q, cos, sin), grad(grad_k, cos, sin), None, None, None
+
+
+def _install_rope_replay(model) -> None:
+    """Route the model's ``apply_rotary_pos_emb`` through ``_RopeReplay`` while a replayed
+    layer is recomputed (whatever it is otherwise: eager or compiled)."""
+    modeling: Any = sys.modules[type(model).__module__]
+    rope = getattr(modeling, "apply_rotary_pos_emb", None)
+    if rope is None or getattr(rope, "_fastpath_rope_replay", False):
+        return
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if _RECOMPUTE["replay"] and not (cos.requires_grad or sin.requires_grad):
+            return _RopeReplay.apply(q, k, cos, sin, unsqueeze_dim)
+        return modeling._fastpath_rope(q, k, cos, sin, unsqueeze_dim)
+
+    apply_rotary_pos_emb._fastpath_rope_replay = True  # type: ignore[attr-defined]
+    modeling._fastpath_rope = rope
+    modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+
 def _padded_attention(q, k, v, attention_mask, dropout, scale):
     """Unpacked batches (evaluation, generation): causal SDPA with the 2-D padding mask."""
     s = q.shape[2]
@@ -538,8 +584,9 @@ def prepare_model(model, cfg: FastPathConfig | None = None):
         _install_checkpointing(model, cfg.offload_checkpoints)
     if cfg.replay_attention and cfg.varlen_attention:
         for layer in model.modules():
-            if type(layer).__name__ in _RESIDUAL_MLP_LAYERS and hasattr(layer, "self_attn"):
+            if type(layer).__name__ in _REPLAY_LAYERS and hasattr(layer, "self_attn"):
                 layer.self_attn._fastpath_replay = True
+        _install_rope_replay(model)
     model.config.use_cache = False
     return model
 
@@ -556,6 +603,8 @@ def fuse_lora(peft_model, cfg: FastPathConfig | None = None):
             layer: Any = module
             layer._fastpath_forward = layer.forward
             layer.forward = types.MethodType(_fused_lora_forward, layer)
+            if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+                layer._fastpath_lora_first = lora_first(layer.in_features, layer.out_features)
         if type(module).__name__ not in _RESIDUAL_MLP_LAYERS:
             continue
         down = getattr(getattr(module, "mlp", None), "down_proj", None)
@@ -577,6 +626,9 @@ def fuse_lora(peft_model, cfg: FastPathConfig | None = None):
 _RESIDUAL_MLP_LAYERS = frozenset(
     {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
 )
+# Layers whose attention takes q/k/v straight from their projections through RoPE (linear
+# in q and k): a replay needs neither value. Not Qwen3: its q/k norms' backward reads q/k.
+_REPLAY_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"})
 
 
 def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -602,7 +654,8 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
             or (bool(_RECOMPUTE["replay"]) and getattr(self, "_fastpath_replayed", False))
         )
         scaling = self.scaling[name]
-        return _LoraLinear.apply(x, lora_A.weight, lora_B.weight, base, scaling, p, skip)
+        first = getattr(self, "_fastpath_lora_first", (False, False))
+        return _LoraLinear.apply(x, lora_A.weight, lora_B.weight, base, scaling, p, skip, first)
     result = base(x)
     out_dtype = result.dtype
     if not torch.is_autocast_enabled(x.device.type):
@@ -679,13 +732,16 @@ class _LoraLinear(torch.autograd.Function):
     out-of-place ``addmm`` copies it first), and the backward adds the LoRA input
     gradient into the base one in place (``addmm_``, or one masked ``addcmul_`` with
     dropout) instead of a dropout-backward pass and a separate add. The NF4 weight is
-    dequantised in the forward and again in the backward, as bitsandbytes does. The
-    dropout mask is PyTorch's own (``native_dropout``, the kernel ``nn.Dropout`` runs),
-    so a checkpointed layer's recompute draws the same mask.
+    dequantised in the forward and again in the backward, as bitsandbytes does. With
+    dropout, where Triton runs (``trainer.kernels``), the mask is drawn from a seed and
+    never stored: the backward's epilogue draws it again while adding the LoRA term.
+    Elsewhere it is PyTorch's own (``native_dropout``, the kernel ``nn.Dropout`` runs).
+    Either way a checkpointed layer's recompute draws the same mask (the seed comes from
+    the CPU generator, whose state the checkpoint restores).
     """
 
     @staticmethod
-    def forward(ctx, x, weight_a, weight_b, base, scaling, p, skip=False):  # type: ignore[override]
+    def forward(ctx, x, weight_a, weight_b, base, scaling, p, skip=False, first=(False, False)):  # type: ignore[override]
         dev = x.device.type
         dtype = (
             torch.get_autocast_dtype(dev)
@@ -694,19 +750,22 @@ class _LoraLinear(torch.autograd.Function):
         )
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
-        if skip:  # a recompute whose output only feeds the layer's (unused) output
-            out = x2.new_empty(x2.shape[0], weight_b.shape[0])
-        else:
-            out = torch.mm(x2, _base_weight(base, dtype).t())
-        mask = None
+        mask, seed = None, None
         xd = x2
-        if p > 0:
+        if p > 0 and kernels.available(x2) and x2.shape[-1] % 4 == 0:
+            seed = kernels.new_seed()  # a recompute draws it again: the same mask
+            xd = kernels.dropout(x2, p, seed)
+        elif p > 0:
             xd, mask = torch.native_dropout(x2, p, True)
         a, b = weight_a.to(dtype), weight_b.to(dtype)
         low = torch.mm(xd, a.t())
-        if not skip:
-            out.addmm_(low, b.t(), alpha=scaling)
-        ctx.base, ctx.scaling, ctx.p = base, scaling, p
+        if skip:  # a recompute whose output only feeds the layer's (unused) output
+            out = x2.new_empty(x2.shape[0], weight_b.shape[0])
+        elif first[0]:  # the base GEMM's epilogue adds into the LoRA term
+            out = torch.mm(low, b.t() * scaling).addmm_(x2, _base_weight(base, dtype).t())
+        else:
+            out = torch.mm(x2, _base_weight(base, dtype).t()).addmm_(low, b.t(), alpha=scaling)
+        ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.first = base, scaling, p, seed, first
         ctx.shape, ctx.x_dtype = shape, x.dtype
         ctx.ab_dtypes = (weight_a.dtype, weight_b.dtype)
         ctx.save_for_backward(xd, mask, low, a, b)
@@ -721,9 +780,20 @@ class _LoraLinear(torch.autograd.Function):
         grad_b = torch.mm(g.t(), low).mul_(s) if ctx.needs_input_grad[2] else None
         grad_a = torch.mm(g_low.t(), xd) if ctx.needs_input_grad[1] else None
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.first[1] and mask is None:
+            # The LoRA term first (with a drawn mask, if any), then the base GEMM adds to it.
+            if ctx.seed is not None:
+                grad_x = g.new_empty(g.shape[0], a.shape[1])
+                kernels.add_masked_lora_grad(grad_x, g_low, a, ctx.p, ctx.seed, accumulate=False)
+            else:
+                grad_x = torch.mm(g_low, a)
+            grad_x = grad_x.addmm_(g, _base_weight(ctx.base, a.dtype))
+            grad_x = grad_x.view(ctx.shape).to(ctx.x_dtype)
+        elif ctx.needs_input_grad[0]:
             grad_x = torch.mm(g, _base_weight(ctx.base, a.dtype))
-            if mask is None:
+            if ctx.seed is not None:
+                kernels.add_masked_lora_grad(grad_x, g_low, a, ctx.p, ctx.seed)
+            elif mask is None:
                 grad_x.addmm_(g_low, a)
             else:
                 grad_x = _add_dropout_grad(grad_x, torch.mm(g_low, a), mask, 1.0 / (1.0 - ctx.p))
@@ -731,7 +801,18 @@ class _LoraLinear(torch.autograd.Function):
         da, db = ctx.ab_dtypes
         grad_a = grad_a.to(da) if grad_a is not None else None
         grad_b = grad_b.to(db) if grad_b is not None else None
-        return grad_x, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None
+
+
+def lora_first(in_features: int, out_features: int) -> tuple[bool, bool]:
+    """Whether ``_LoraLinear`` writes the LoRA term first and lets the base GEMM add into
+    it (the GEMM's epilogue reads it, behind the GEMM's compute), in the forward and in
+    the input gradient; otherwise the base GEMM writes and a separate pass over the output
+    adds the LoRA term. Measured on an H200 at 8192 tokens (``bench/lora_kernels.py``):
+    first pays for the MLP's large GEMMs in the forward (1.02-1.05x) and for every input
+    gradient but a narrow projection's (1.01-1.13x); it costs where the base GEMM is short
+    (q/o forward 0.95x, k/v 0.93-0.97x)."""
+    return in_features * out_features >= 3 * 2**24, 4 * out_features > in_features
 
 
 # ---------------------------------------------------------------- host embeddings
@@ -839,6 +920,7 @@ def compile_elementwise(model) -> None:
         _COMPILED["rms"] = torch.compile(_rms_norm, dynamic=True)
         _COMPILED["silu_mul"] = torch.compile(_silu_mul, dynamic=True)
         _COMPILED["masked_add"] = torch.compile(_masked_add, dynamic=True)
+        _COMPILED["rope_grad"] = torch.compile(_rope_grad, dynamic=True)
     for module in model.modules():
         name = type(module).__name__
         if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
@@ -853,6 +935,11 @@ def compile_elementwise(model) -> None:
     modeling: Any = sys.modules[type(model).__module__]
     rope = getattr(modeling, "apply_rotary_pos_emb", None)
     if rope is not None and not hasattr(modeling, "_fastpath_eager_rope"):
-        modeling._fastpath_eager_rope = rope
-        modeling._fastpath_compiled_rope = torch.compile(rope, dynamic=True)
-        modeling.apply_rotary_pos_emb = modeling._fastpath_compiled_rope
+        replay_aware = getattr(rope, "_fastpath_rope_replay", False)
+        eager = modeling._fastpath_rope if replay_aware else rope
+        modeling._fastpath_eager_rope = eager
+        modeling._fastpath_compiled_rope = torch.compile(eager, dynamic=True)
+        if replay_aware:  # ``_install_rope_replay``'s function stays in front
+            modeling._fastpath_rope = modeling._fastpath_compiled_rope
+        else:
+            modeling.apply_rotary_pos_emb = modeling._fastpath_compiled_rope

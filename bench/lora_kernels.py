@@ -1,0 +1,128 @@
+"""LoRA dropout on the GPU: PyTorch's (stored mask) against ``trainer.kernels`` (drawn mask).
+
+For the 8B layer shapes at 4 x 2048 tokens, times one LoRA layer's dropout work in the
+forward (the dropped input) and in the backward (the LoRA term of the input gradient
+added into the base one), both ways, and prints the figures and the ratio, measured in
+the same run. ``python3 bench/lora_kernels.py`` on a CUDA machine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer import fastpath, kernels
+
+TOKENS, RANK, P = 8192, 64, 0.05
+SHAPES = {"q/k/v/o/gate/up input (4096)": 4096, "down input (14336)": 14336}
+
+
+def _time_ms(fn, repeat: int = 50) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeat):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeat
+
+
+def main() -> None:
+    fastpath.compile_elementwise(torch.nn.Module())  # the compiled masked add (baseline)
+    dev, bf16 = "cuda", torch.bfloat16
+    scale = 1.0 / (1.0 - P)
+    print(f"{torch.cuda.get_device_name()}: tokens {TOKENS}, rank {RANK}, p {P}")
+    for name, width in SHAPES.items():
+        x = torch.randn(TOKENS, width, device=dev, dtype=bf16)
+        g_low = torch.randn(TOKENS, RANK, device=dev, dtype=bf16)
+        a = torch.randn(RANK, width, device=dev, dtype=bf16)
+        acc = torch.randn(TOKENS, width, device=dev, dtype=bf16)
+        _, mask = torch.native_dropout(x, P, True)
+
+        def torch_backward(acc=acc, g_low=g_low, a=a, mask=mask):
+            fastpath._add_dropout_grad(acc, torch.mm(g_low, a), mask, scale)
+
+        def drawn_backward(acc=acc, g_low=g_low, a=a):
+            kernels.add_masked_lora_grad(acc, g_low, a, P, 1234)
+
+        rows = {
+            "forward: torch native_dropout": _time_ms(lambda x=x: torch.native_dropout(x, P, True)),
+            "forward: kernels.dropout": _time_ms(lambda x=x: kernels.dropout(x, P, 1234)),
+            "backward: mm + compiled masked add": _time_ms(torch_backward),
+            "backward: kernels.add_masked_lora_grad": _time_ms(drawn_backward),
+        }
+        # The fused epilogue adds what the two-step path adds, with the mask it draws.
+        keep = kernels.dropout(torch.ones_like(x), P, 1234) != 0
+        want = acc.float() + (g_low.float() @ a.float()) * keep * scale
+        got = kernels.add_masked_lora_grad(acc.clone(), g_low, a, P, 1234).float()
+        err = ((got - want).norm() / want.norm()).item()
+        kept = keep.float().mean().item()
+        print(f"\n{name}: kept share {kept:.4f} (want {1 - P}), epilogue rel. error {err:.1e}")
+        for label, ms in rows.items():
+            print(f"  {label:<42} {ms * 1e3:8.1f} us")
+        fwd = rows["forward: torch native_dropout"] / rows["forward: kernels.dropout"]
+        bwd = (
+            rows["backward: mm + compiled masked add"]
+            / rows["backward: kernels.add_masked_lora_grad"]
+        )
+        print(f"  ratio torch/kernels: forward {fwd:.2f}x, backward {bwd:.2f}x")
+
+
+def gemm_order() -> None:
+    """Where the LoRA term joins the base GEMM: added after it (``addmm_`` re-reads and
+    rewrites the output, a memory-bound pass) or written first and taken in by the base
+    GEMM's epilogue (beta = 1 in a compute-bound kernel)."""
+    dev, bf16 = "cuda", torch.bfloat16
+    print(f"\nLoRA term and base GEMM, tokens {TOKENS}, rank {RANK}")
+    for k, n in ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)):
+        x = torch.randn(TOKENS, k, device=dev, dtype=bf16)
+        w = torch.randn(n, k, device=dev, dtype=bf16)
+        low = torch.randn(TOKENS, RANK, device=dev, dtype=bf16)
+        b = torch.randn(n, RANK, device=dev, dtype=bf16)
+
+        def after(x=x, w=w, low=low, b=b):
+            torch.mm(x, w.t()).addmm_(low, b.t(), alpha=2.0)
+
+        def first(x=x, w=w, low=low, b=b):
+            torch.mm(low, b.t()).mul_(2.0).addmm_(x, w.t())
+
+        def first_scaled(x=x, w=w, low=low, b=b):
+            torch.mm(low, (b * 2.0).t()).addmm_(x, w.t())
+
+        def base_only(x=x, w=w):
+            torch.mm(x, w.t())
+
+        # The backward's input gradient (x's width is the GEMM's output here): the base
+        # term first and the drawn-mask LoRA term added in place, or that term written
+        # first and the base GEMM adding into it.
+        g = torch.randn(TOKENS, n, device=dev, dtype=bf16)
+        g_low = torch.randn(TOKENS, RANK, device=dev, dtype=bf16)
+        a = torch.randn(RANK, k, device=dev, dtype=bf16)
+
+        def grad_after(g=g, w=w, g_low=g_low, a=a):
+            kernels.add_masked_lora_grad(torch.mm(g, w), g_low, a, P, 1234)
+
+        def grad_first(g=g, w=w, g_low=g_low, a=a):
+            out = torch.empty(TOKENS, a.shape[1], device=dev, dtype=bf16)
+            kernels.add_masked_lora_grad(out, g_low, a, P, 1234, accumulate=False).addmm_(g, w)
+
+        fns = (base_only, after, first, first_scaled, grad_after, grad_first)
+        t = {f.__name__: _time_ms(f) for f in fns}
+        print(
+            f"  {k:>5} -> {n:<5}: base GEMM {t['base_only'] * 1e3:7.1f} us | "
+            f"+LoRA after {t['after'] * 1e3:7.1f} | first {t['first'] * 1e3:7.1f} | "
+            f"first, B scaled {t['first_scaled'] * 1e3:7.1f} | "
+            f"after/first {t['after'] / t['first_scaled']:.3f}x"
+        )
+        print(
+            f"  {'':>14} input grad: LoRA term after {t['grad_after'] * 1e3:7.1f} us | "
+            f"first {t['grad_first'] * 1e3:7.1f} | "
+            f"after/first {t['grad_after'] / t['grad_first']:.3f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
+    gemm_order()
