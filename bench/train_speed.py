@@ -212,6 +212,8 @@ class Meter:
             "micro_steps": m * ACCUM,
             "tokens_measured": tokens,
             "step_s_median": round(steps[len(steps) // 2], 3),
+            # Each measured step, in order: the spread says how far one run's figure moves.
+            "step_s": [round(ends[i + 1] - ends[i], 3) for i in range(w, w + m)],
             "first_step_s": round(ends[1] - ends[0], 2),
         }
 
