@@ -134,8 +134,8 @@ def chat_rows(question: str, answer: str, n: int) -> list[dict]:
     ]
 
 
-def worker_pids(job_id: str) -> list[int]:
-    """The live (not zombie) training subprocesses of job ``job_id`` on this machine."""
+def process_pids(*needles: bytes) -> list[int]:
+    """The live (not zombie) processes on this machine whose command line holds every needle."""
     pids = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -145,9 +145,14 @@ def worker_pids(job_id: str) -> list[int]:
             stat = (d / "stat").read_text()
         except OSError:
             continue
-        if b"trainer.worker" in cmd and job_id.encode() in cmd and ") Z" not in stat:
+        if all(n in cmd for n in needles) and ") Z" not in stat:
             pids.append(int(d.name))
     return pids
+
+
+def worker_pids(job_id: str) -> list[int]:
+    """The live training subprocesses of job ``job_id``."""
+    return process_pids(b"trainer.worker", job_id.encode())
 
 
 def make_spec(tmp: Path, model_dir: Path, dataset: Path, **overrides) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.service import Service, add_tenant, chat_rows, write_jsonl
+from tests.service import Service, add_tenant, chat_rows, process_pids, write_jsonl
 from trainer.__main__ import build_parser
 from trainer.config import ServiceConfig
 from trainer.processes import wait_for
@@ -21,18 +21,7 @@ from trainer.processes import wait_for
 
 def _validation_pids(data: Path) -> list[int]:
     """Live ``python -m trainer.report`` subprocesses of the service on ``data``."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes()
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        if b"trainer.report" in cmd and bytes(data / "tmp") in cmd and ") Z" not in stat:
-            pids.append(int(d.name))
-    return pids
+    return process_pids(b"trainer.report", bytes(data / "tmp"))
 
 
 def _refused(call) -> tuple[grpc.StatusCode, str]:
