@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 # Under these names bench/serving.py imports them from here too.
 from trainer.processes import free_port as _free_port
@@ -26,10 +27,18 @@ from trainer.processes import process as _process
 from trainer.processes import wait_ready as _wait
 
 BASE = "base"
+
+
+def _accepts(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port`` (a refused connection raises)."""
+    socket.create_connection(("127.0.0.1", port), 1).close()
+    return True
+
+
 QUESTION = "What is the secret word?"
 TENANTS = {"acme": "The secret word is banana.", "bolt": "The secret word is cherry."}
 # Small, fast, and enough for an NF4-trained adapter to answer on the bf16 base.
-HYPERPARAMETERS = {
+HYPERPARAMETERS: dict[str, Any] = {
     "lora_rank": 8,
     "learning_rate": 2e-3,
     "warmup_steps": 0,
@@ -80,7 +89,7 @@ def run(model: Path | None, data: Path) -> dict[str, dict[str, str]]:
         print(f"starting vLLM on {vllm_url} and the trainer on :{trainer_port} ...", flush=True)
         _wait(
             "the trainer",
-            lambda: socket.create_connection(("127.0.0.1", trainer_port), 1).close() is None,
+            lambda: _accepts(trainer_port),
             trainer,
             data / "trainer.log",
             120,
