@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ from packaging.requirements import Requirement
 import trainer.__main__ as trainer_cli
 from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, ENV_TENANTS_FILE
 from server.launcher import ServerConfig, build_command, build_env, parse_args
+from trainer.processes import free_port
 from trainer.tinymodel import main as tinymodel_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -583,12 +583,6 @@ def test_docs_commands_are_real_trainer_commands() -> None:
 
 
 # ------------------------------------------------------------------ the health checks, run
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _probe(target: str, env: Mapping[str, str]) -> int:
     """Run the image's HEALTHCHECK command here (its `python` is this interpreter)."""
     argv = DOCKERFILE.image(target).healthcheck
@@ -599,7 +593,7 @@ def _probe(target: str, env: Mapping[str, str]) -> int:
 
 
 def test_trainer_health_check_passes_once_the_service_serves(tmp_path: Path) -> None:
-    listen = f"127.0.0.1:{_free_port()}"
+    listen = f"127.0.0.1:{free_port()}"
     env = {"FINETUNE_LISTEN": listen}
     assert _probe("trainer", env) != 0  # nothing listening yet
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_")}

@@ -23,6 +23,7 @@ import pytest
 
 from finetune.v1 import trainer_pb2 as pb
 from tests.service import Service, add_tenant, chat_rows
+from trainer.processes import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -49,15 +50,6 @@ def _worker_pids(data: Path) -> dict[str, int]:
     return found
 
 
-def _wait_for(pred, timeout: float = 60.0, every: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := pred():
-            return value
-        time.sleep(every)
-    raise TimeoutError("condition not met in time")
-
-
 def test_fifty_concurrent_submissions_none_lost_and_fair(tmp_path):
     data = tmp_path / "data"
     keys = {t: add_tenant(data, t) for t in [*TENANTS, "holder"]}
@@ -69,7 +61,7 @@ def test_fifty_concurrent_submissions_none_lost_and_fair(tmp_path):
         body = "".join(json.dumps(r) + "\n" for r in chat_rows("q", "a", 12))
         (tmp_path / "h.jsonl").write_text(body)
         hold = holder.create_job("tiny", holder.upload_dataset(tmp_path / "h.jsonl", "h").id, "h")
-        held_pid = _wait_for(lambda: _worker_pids(data).get(hold.id))
+        held_pid = wait_for(lambda: _worker_pids(data).get(hold.id), 60, every=0.02)
         os.kill(held_pid, signal.SIGSTOP)
 
         def submit(tenant: str, n: int):
@@ -133,7 +125,7 @@ def test_fifty_concurrent_submissions_none_lost_and_fair(tmp_path):
         os.kill(held_pid, signal.SIGKILL)
         order: list[str] = []
         while len(order) < len(owner):
-            running = _wait_for(lambda: _worker_pids(data), timeout=60)
+            running = wait_for(lambda: _worker_pids(data), 60, every=0.02)
             for job_id in running:
                 if job_id in owner and job_id not in order:
                     order.append(job_id)

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import httpx
 import pytest
 
 from trainer.layout import CURRENT, Layout, write_atomic
+from trainer.processes import free_port
 from trainer.tenants import TenantRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,12 +88,6 @@ class Keys:
 def add_tenants(layout: Layout) -> Keys:
     reg = TenantRegistry(layout.tenants_file)
     return Keys(A=reg.add("A"), B=reg.add("B"), admin=reg.add("ops", admin=True))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
