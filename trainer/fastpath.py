@@ -731,7 +731,9 @@ class _LoraLinear(torch.autograd.Function):
     is added into the base GEMM's output in place (PEFT clones it and adds; an
     out-of-place ``addmm`` copies it first), and the backward adds the LoRA input
     gradient into the base one in place (``addmm_``, or one masked ``addcmul_`` with
-    dropout) instead of a dropout-backward pass and a separate add. The NF4 weight is
+    dropout) instead of a dropout-backward pass and a separate add. Where ``first`` (from
+    ``lora_first``: forward, input gradient) says so, the order is the other way round:
+    the LoRA term is written first and the long base GEMM adds into it. The NF4 weight is
     dequantised in the forward and again in the backward, as bitsandbytes does. With
     dropout, where Triton runs (``trainer.kernels``), the mask is drawn from a seed and
     never stored: the backward's epilogue draws it again while adding the LoRA term.
