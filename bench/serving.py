@@ -26,15 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trainer.demo import (  # noqa: E402
-    BASE,
-    HYPERPARAMETERS,
-    QUESTION,
-    VLLM_ARGS,
-    _free_port,
-    _process,
-    _wait,
-)
+from trainer.demo import BASE, HYPERPARAMETERS, QUESTION, VLLM_ARGS  # noqa: E402
+from trainer.processes import free_port, process, wait_ready  # noqa: E402
 
 ADAPTERS = 8
 
@@ -85,13 +78,14 @@ def _latencies(url: str, key: str, n: int) -> dict[str, list[float]]:
 def middleware_cost(model: Path, data: Path, key: str, n: int) -> dict:
     result = {}
     for middleware in (False, True):
-        port = _free_port()
+        port = free_port()
         log = data / f"vllm-bench-{int(middleware)}.log"
-        with _process(_vllm_cmd(model, data, port, middleware), log, _env()) as proc:
+        with process(_vllm_cmd(model, data, port, middleware), log, _env()) as proc:
             import httpx
 
             url = f"http://127.0.0.1:{port}"
-            _wait("vLLM", lambda u=url: httpx.get(u + "/health").status_code == 200, proc, log, 600)
+            healthy = lambda u=url: httpx.get(u + "/health").status_code == 200  # noqa: E731
+            wait_ready("vLLM", healthy, proc, log, 600)
             result["with" if middleware else "without"] = _latencies(url, key, n)
     summary = {}
     for route in ("models", "completion_1_token"):
@@ -143,7 +137,7 @@ def publish_and_serve(model: Path, data: Path, key: str, admin: str) -> dict:
 
     from trainer.client import TERMINAL, TrainerClient
 
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     trainer = [sys.executable, "-m", "trainer", "serve", "--data-dir", str(data)]
     trainer += ["--listen", f"127.0.0.1:{grpc_port}", "--base-model", f"{BASE}={model}"]
@@ -157,10 +151,10 @@ def publish_and_serve(model: Path, data: Path, key: str, admin: str) -> dict:
     (data / "bench.jsonl").write_text(rows)
     env = _env()
     with (
-        _process(_vllm_cmd(model, data, port, True), data / "vllm-serve.log", env) as vllm,
-        _process(trainer, data / "trainer.log", env) as _,
+        process(_vllm_cmd(model, data, port, True), data / "vllm-serve.log", env) as vllm,
+        process(trainer, data / "trainer.log", env) as _,
     ):
-        _wait("vLLM", lambda: httpx.get(url + "/health").status_code == 200, vllm,
+        wait_ready("vLLM", lambda: httpx.get(url + "/health").status_code == 200, vllm,
               data / "vllm-serve.log", 600)  # fmt: skip
         time.sleep(2)
         first_token = []

