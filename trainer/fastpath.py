@@ -754,7 +754,7 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         mask, seed = None, None
         xd = x2
-        if p > 0 and kernels.available(x2) and x2.shape[-1] % 4 == 0:
+        if p > 0 and kernels.available(x2):
             seed = kernels.new_seed()  # a recompute draws it again: the same mask
             xd = kernels.dropout(x2, p, seed)
         elif p > 0:
@@ -782,23 +782,23 @@ class _LoraLinear(torch.autograd.Function):
         grad_b = torch.mm(g.t(), low).mul_(s) if ctx.needs_input_grad[2] else None
         grad_a = torch.mm(g_low.t(), xd) if ctx.needs_input_grad[1] else None
         grad_x = None
-        if ctx.needs_input_grad[0] and ctx.first[1] and mask is None:
-            # The LoRA term first (with a drawn mask, if any), then the base GEMM adds to it.
-            if ctx.seed is not None:
-                grad_x = g.new_empty(g.shape[0], a.shape[1])
-                kernels.add_masked_lora_grad(grad_x, g_low, a, ctx.p, ctx.seed, accumulate=False)
+        if ctx.needs_input_grad[0]:
+            w = _base_weight(ctx.base, a.dtype)
+            if ctx.first[1] and mask is None:  # the LoRA term first, the base GEMM adds to it
+                if ctx.seed is not None:
+                    lora = g.new_empty(g.shape[0], a.shape[1])
+                    kernels.add_masked_lora_grad(lora, g_low, a, ctx.p, ctx.seed, accumulate=False)
+                else:
+                    lora = torch.mm(g_low, a)
+                grad_x = lora.addmm_(g, w)
             else:
-                grad_x = torch.mm(g_low, a)
-            grad_x = grad_x.addmm_(g, _base_weight(ctx.base, a.dtype))
-            grad_x = grad_x.view(ctx.shape).to(ctx.x_dtype)
-        elif ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, _base_weight(ctx.base, a.dtype))
-            if ctx.seed is not None:
-                kernels.add_masked_lora_grad(grad_x, g_low, a, ctx.p, ctx.seed)
-            elif mask is None:
-                grad_x.addmm_(g_low, a)
-            else:
-                grad_x = _add_dropout_grad(grad_x, torch.mm(g_low, a), mask, 1.0 / (1.0 - ctx.p))
+                grad_x = torch.mm(g, w)
+                if ctx.seed is not None:
+                    kernels.add_masked_lora_grad(grad_x, g_low, a, ctx.p, ctx.seed)
+                elif mask is None:
+                    grad_x.addmm_(g_low, a)
+                else:
+                    grad_x = _add_dropout_grad(grad_x, torch.mm(g_low, a), mask, 1 / (1 - ctx.p))
             grad_x = grad_x.view(ctx.shape).to(ctx.x_dtype)
         da, db = ctx.ab_dtypes
         grad_a = grad_a.to(da) if grad_a is not None else None

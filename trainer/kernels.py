@@ -38,8 +38,11 @@ _MAX_ELEMENTS = 2**31 - 2**22
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether these kernels can take ``x`` (2-D, contiguous, small enough to index)."""
+    """Whether these kernels can take ``x``: 2-D, contiguous, small enough to index, and
+    rows a multiple of 4 wide (one Philox call draws for 4 neighbours in a row)."""
     if triton is None or x.dim() != 2 or not x.is_contiguous() or x.numel() > _MAX_ELEMENTS:
+        return False
+    if x.shape[-1] % 4:
         return False
     if x.is_cuda:
         return x.dtype in (torch.bfloat16, torch.float16, torch.float32)
@@ -124,11 +127,7 @@ if triton is not None:
 
 def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """``x`` with each element zeroed with probability ``p`` and the rest scaled by 1/(1-p)."""
-    assert available(x), "dropout kernel: needs a contiguous 2-D tensor Triton can take"
-    if x.shape[-1] % 4:
-        raise ValueError(
-            f"dropout kernel: the last dimension ({x.shape[-1]}) must be a multiple of 4"
-        )
+    assert available(x), "dropout kernel: see kernels.available for what it takes"
     out = torch.empty_like(x)
     block = 2048
     grid = (triton.cdiv(x.numel(), block),)
