@@ -197,6 +197,14 @@ class Meter:
             except Exception as e:  # profiler column names move between versions
                 text.append(f"table by {sort} failed: {e}")
         assert self.profile_to is not None
+        trace = self.profile_to.with_suffix(".trace.json")
+        try:
+            self.prof.export_chrome_trace(str(trace))
+            text.insert(1, idle_report(json.loads(trace.read_text())["traceEvents"]))
+        except Exception as e:  # the report is a help, never the run's failure
+            text.insert(1, f"idle report failed: {type(e).__name__}: {e}")
+        finally:
+            trace.unlink(missing_ok=True)
         self.profile_to.write_text("\n".join(text))
 
     def result(self) -> dict:
@@ -216,6 +224,80 @@ class Meter:
             "step_s": [round(ends[i + 1] - ends[i], 3) for i in range(w, w + m)],
             "first_step_s": round(ends[1] - ends[0], 2),
         }
+
+
+def idle_report(events: list[dict], min_gap_us: float = 5.0, top: int = 30) -> str:
+    """Where the busiest GPU stream waits, from a Kineto trace's events.
+
+    Each gap before a kernel is "late" when the CPU launched that kernel only after the
+    stream had gone idle (the host is the bottleneck there), else "queued" (the kernel
+    was waiting on something else: an event, a copy, launch latency). Gaps are summed by
+    the CPU ops that enclosed the late launch (innermost three levels).
+    """
+    import bisect
+    from collections import defaultdict
+
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    by_stream: dict = defaultdict(float)
+    for k in kernels:
+        by_stream[k["args"].get("stream")] += k["dur"]
+    if not by_stream:
+        return "idle report: no kernels in the trace"
+    main = max(by_stream, key=by_stream.__getitem__)
+    ks = sorted((k for k in kernels if k["args"].get("stream") == main), key=lambda k: k["ts"])
+    launches = {
+        e["args"]["correlation"]: e
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
+    }
+    ops: dict = defaultdict(list)  # thread -> its CPU ops, by start
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation"):
+            ops[e.get("tid")].append(e)
+    starts = {}
+    for tid, lst in ops.items():
+        lst.sort(key=lambda e: e["ts"])
+        starts[tid] = [e["ts"] for e in lst]
+
+    def enclosing(launch: dict) -> str:
+        tid, t = launch.get("tid"), launch["ts"]
+        lst = ops.get(tid, [])
+        i = bisect.bisect_right(starts.get(tid, []), t)
+        chain = []
+        for e in reversed(lst[max(0, i - 4000) : i]):
+            if e["ts"] + e["dur"] >= t:
+                chain.append(e["name"][:40])
+                if len(chain) == 3:
+                    break
+        return " < ".join(chain) or "(no CPU op)"
+
+    late: dict = defaultdict(float)
+    late_n: dict = defaultdict(int)
+    queued = late_sum = 0.0
+    end = ks[0]["ts"] + ks[0]["dur"]
+    for k in ks[1:]:
+        gap = k["ts"] - end
+        if gap > min_gap_us:
+            launch = launches.get(k["args"].get("correlation"))
+            if launch is not None and launch["ts"] > end:
+                key = enclosing(launch)
+                late[key] += gap
+                late_n[key] += 1
+                late_sum += gap
+            else:
+                queued += gap
+        end = max(end, k["ts"] + k["dur"])
+    span = end - ks[0]["ts"]
+    busy = by_stream[main]
+    lines = [
+        f"busiest stream {main}: span {span / 1e3:.1f} ms, kernels {busy / 1e3:.1f} ms "
+        f"({busy / span:.1%}), idle {(span - busy) / 1e3:.1f} ms: launched late "
+        f"{late_sum / 1e3:.1f} ms, queued {queued / 1e3:.1f} ms (gaps > {min_gap_us:g} us)",
+        "late launches by enclosing CPU ops (ms, count):",
+    ]
+    for key in sorted(late, key=late.__getitem__, reverse=True)[:top]:
+        lines.append(f"  {late[key] / 1e3:8.1f} {late_n[key]:6d}  {key}")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------ recipes
@@ -423,7 +505,7 @@ def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             prof = None
-            if args.profile and variant == "fast":
+            if args.profile and variant in ("fast", "unsloth"):
                 prof = args.out / f"profile_{variant}_{workload}.txt"
             meter = Meter(model, args.warmup, args.measure, prof)
             trainer = SFTTrainer(
@@ -532,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workloads", default="full,mix")
     p.add_argument("--warmup", type=int, default=1, help="optimizer steps (x4 micro-steps)")
     p.add_argument("--measure", type=int, default=4, help="optimizer steps (x4 micro-steps)")
-    p.add_argument("--profile", action="store_true", help="profile a step of the fast runs")
+    p.add_argument("--profile", action="store_true", help="profile a step of the fast and Unsloth runs")
     p.add_argument("--budget-s", type=float, default=540, help="stop starting recipes after this")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
