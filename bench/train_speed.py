@@ -614,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workloads", default="full,mix")
     p.add_argument("--warmup", type=int, default=1, help="optimizer steps (x4 micro-steps)")
     p.add_argument("--measure", type=int, default=4, help="optimizer steps (x4 micro-steps)")
-    p.add_argument("--profile", action="store_true", help="profile a step of the fast and Unsloth runs")
+    p.add_argument("--profile", action="store_true", help="profile a step (fast, Unsloth)")
     p.add_argument("--budget-s", type=float, default=540, help="stop starting recipes after this")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
