@@ -135,6 +135,52 @@ def make_dataset(workload: str, n: int, seed: int = 0):
 # ------------------------------------------------------------------ measuring
 
 
+class HostProfile:
+    """One step under cProfile, with every host-device synchronisation counted by caller.
+
+    Where the CPU is behind the GPU (``idle_report``'s late launches), this says which
+    Python code spends the host's time, and which lines make the host wait for the GPU.
+    """
+
+    def __enter__(self):
+        import cProfile
+        import warnings
+
+        import torch
+
+        self.warnings = warnings.catch_warnings(record=True)
+        self.caught = self.warnings.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        self.prof = cProfile.Profile()
+        self.prof.enable()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        self.prof.disable()
+        torch.cuda.set_sync_debug_mode("default")
+        self.warnings.__exit__(*exc)
+
+    def report(self, wall: float) -> str:
+        import io
+        import pstats
+        from collections import Counter
+
+        syncs = Counter(
+            f"{w.filename}:{w.lineno}" for w in self.caught if "synchroniz" in str(w.message)
+        )
+        text = [f"one optimizer step under cProfile: wall {wall:.3f}s"]
+        text.append(f"host-device synchronisations: {sum(syncs.values())}, by caller:")
+        text += [f"  {n:5d}  {where}" for where, n in syncs.most_common(30)]
+        for sort in ("tottime", "cumulative"):
+            buf = io.StringIO()
+            pstats.Stats(self.prof, stream=buf).sort_stats(sort).print_stats(60)
+            text.append(buf.getvalue())
+        return "\n".join(text)
+
+
 class Meter:
     """Counts real tokens per forward and times optimizer steps (synchronised)."""
 
@@ -172,16 +218,24 @@ class Meter:
                 meter.pending.clear()
                 done = len(meter.step_tokens)
                 if meter.profile_to is not None and done == meter.warmup + meter.measure:
-                    meter.prof = torch.profiler.profile(
-                        activities=[
-                            torch.profiler.ProfilerActivity.CPU,
-                            torch.profiler.ProfilerActivity.CUDA,
-                        ]
-                    )
+                    if meter.profile_to.name.startswith("python"):
+                        meter.prof = HostProfile()
+                    else:
+                        meter.prof = torch.profiler.profile(
+                            activities=[
+                                torch.profiler.ProfilerActivity.CPU,
+                                torch.profiler.ProfilerActivity.CUDA,
+                            ]
+                        )
                     meter.prof.__enter__()
                 elif meter.prof is not None:
                     meter.prof.__exit__(None, None, None)
-                    meter.write_profile(meter.step_ends[-1] - meter.step_ends[-2])
+                    wall = meter.step_ends[-1] - meter.step_ends[-2]
+                    if isinstance(meter.prof, HostProfile):
+                        assert meter.profile_to is not None
+                        meter.profile_to.write_text(meter.prof.report(wall))
+                    else:
+                        meter.write_profile(wall)
                     meter.prof = None
 
         self.callback = Callback()
@@ -507,6 +561,8 @@ def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None
             prof = None
             if args.profile and variant in ("fast", "unsloth"):
                 prof = args.out / f"profile_{variant}_{workload}.txt"
+            if args.host_profile and variant in ("fast", "unsloth"):
+                prof = args.out / f"python_{variant}_{workload}.txt"
             meter = Meter(model, args.warmup, args.measure, prof)
             trainer = SFTTrainer(
                 model=model,
@@ -615,6 +671,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1, help="optimizer steps (x4 micro-steps)")
     p.add_argument("--measure", type=int, default=4, help="optimizer steps (x4 micro-steps)")
     p.add_argument("--profile", action="store_true", help="profile a step (fast, Unsloth)")
+    p.add_argument(
+        "--host-profile", action="store_true", help="cProfile a step, counting syncs by caller"
+    )
     p.add_argument("--budget-s", type=float, default=540, help="stop starting recipes after this")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
@@ -639,6 +698,7 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--out", str(args.out), "--model-dir", str(args.model_dir)]
     common += ["--warmup", str(args.warmup), "--measure", str(args.measure)]
     common += ["--workloads", args.workloads] + (["--profile"] if args.profile else [])
+    common += ["--host-profile"] if args.host_profile else []
     with open(args.out / "log.txt", "a") as logf:
         results += run_child([*me, "--build", *common], logf, 300)
         for recipe in args.recipes.split(","):

@@ -379,10 +379,37 @@ def test_dropout_kernels_in_the_triton_interpreter():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
-def test_sft_args_leave_the_gpu_queue_alone():
+def test_sft_args_leave_the_gpu_queue_alone(tmp_path):
+    from trl import SFTConfig
+
     args = fastpath.FastPathConfig().sft_args()
     assert args["logging_nan_inf_filter"] is False and args["gradient_checkpointing"] is False
-    assert "logging_nan_inf_filter" not in fastpath.FastPathConfig(sync_free_steps=False).sft_args()
+    config = SFTConfig(output_dir=str(tmp_path), bf16=False, **args)  # taken as they are
+    assert config.accelerator_config.non_blocking is True
+    slow = fastpath.FastPathConfig(sync_free_steps=False).sft_args()
+    assert "logging_nan_inf_filter" not in slow and "accelerator_config" not in slow
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_nf4_weight_read_once_dequantises_as_bitsandbytes(nested):
+    """The fast path keeps a 4-bit weight's packed data and state between calls; a weight
+    replaced on the module (a reload, a move) is read again, never served stale."""
+    import bitsandbytes as bnb
+    from bitsandbytes.nn import Linear4bit
+
+    def quantised(seed: int) -> Linear4bit:
+        torch.manual_seed(seed)
+        layer = Linear4bit(64, 128, bias=False, compress_statistics=nested, quant_type="nf4")
+        layer.load_state_dict({"weight": torch.randn(128, 64)})
+        return layer.to("cpu")  # quantises
+
+    layer, other = quantised(0), quantised(1)
+    for _ in range(2):  # the second call reads the kept state
+        want = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        assert torch.equal(fastpath._base_weight(layer, torch.bfloat16), want.bfloat16())
+    layer.weight = other.weight
+    want = bnb.functional.dequantize_4bit(other.weight.data, other.weight.quant_state)
+    assert torch.equal(fastpath._base_weight(layer, torch.bfloat16), want.bfloat16())
 
 
 @pytest.mark.gpu
