@@ -43,9 +43,12 @@ and each runs for real on the CPU too, where the tests check it:
   tokens, over the bus while the GPU computes); the recompute runs the attention backward
   on them, so it skips the attention forward, the q/k/v GEMMs and RoPE's forward (its
   backward, the inverse rotation, still runs).
-* **No per-micro-step host reads.** ``cu_seqlens`` costs one small copy to the host per
-  forward, and the Trainer's NaN filter of the logged loss (a host read after every
-  micro-step, which drains the GPU queue) is off.
+* **No needless host waits.** ``cu_seqlens`` costs one small copy to the host per
+  forward; the Trainer's NaN filter of the logged loss (a host read after every
+  micro-step, which drains the GPU queue) is off, and batches reach the GPU by
+  non-blocking copies from pinned memory. NF4 weights are read once (``_NF4``): their
+  dequantisation skips ``Params4bit``'s Python ``__torch_function__`` and, on CUDA, the
+  custom-op dispatch, host time the GPU waits for in the short layers.
 
 The loss itself needs nothing here: TRL's ``SFTTrainer`` already computes it with a
 chunked LM head (``add_fused_lm_head``) that never materialises the full logits.

@@ -7,8 +7,8 @@ memory actually free before it loads the model.
 
 The estimate is arithmetic on the base model's ``config.json`` (no weights are read),
 calibrated on an H200 against measured peaks at Llama 3.1 8B shape, r=64, batch 4 x
-2048 tokens (bench/README.md): the fast path 7.26 GiB measured, 7.4 estimated; the
-reference recipe 15.78 GiB measured, 15.6 estimated.
+2048 tokens (bench/README.md, run 12): the fast path 7.20 GiB measured, 7.27 estimated;
+the reference recipe 15.78 / 15.94 GiB measured (full rows / the mix), 15.64 estimated.
 """
 
 from __future__ import annotations
@@ -103,7 +103,10 @@ def estimate_bytes(shape: ModelShape, cfg: JobConfig, *, fast_path: bool = True)
         act_bytes, checkpoints = 4, shape.layers * tokens * shape.hidden * 4
     # One layer's recompute and backward working set: the MLP's three intermediate-wide
     # tensors and about ten hidden-wide ones (attention, norms, LoRA inputs, gradients).
-    working = tokens * (3 * shape.intermediate + 10 * shape.hidden) * act_bytes
+    # The fast path keeps five: its LoRA dropout masks are drawn again in the backward,
+    # never stored, and its LoRA terms are added in place.
+    working = tokens * (3 * shape.intermediate + (5 if fast_path else 10) * shape.hidden)
+    working *= act_bytes
     if fast_path:
         # Attention replay: one layer's attention inputs and output come back from the
         # host for its recompute (q and o hidden-wide, k and v kv-wide).
