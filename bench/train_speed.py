@@ -446,15 +446,17 @@ def load_fast(model_dir: Path):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def apply_variant(model, variant: str) -> dict:
-    """Switch the fast path's pieces on or off in place; return the SFTConfig extras.
+def apply_variant(model, variant: str):
+    """Switch the fast path's pieces on or off in place; return the ``FastPathConfig``
+    (its SFTConfig extras and Trainer callbacks).
 
     ``fast`` is everything on; ``-nopack``, ``-nofuse``, ``-nooffload``, ``-nocompile``,
     ``-gpuembed``, ``-hostgather`` (host embeddings gathered on the host, not mapped),
     ``-addmm`` (the LoRA layer as PEFT modules + one ``addmm``, not one autograd node),
     ``-nolean`` (the recompute runs the down projection too), ``-noreplay`` (the
     recompute runs the attention and q/k/v again instead of replaying what the forward
-    parked), ``-nansync`` (the Trainer's per-micro-step NaN check) and ``-loraafter``
+    parked), ``-nansync`` (the per-micro-step host reads: the NaN check, blocking batch
+    copies, the GPU token count) and ``-loraafter``
     (the LoRA term added after the base GEMM in every layer, not written first where
     ``fastpath.lora_first`` says) turn one piece off each; ``-drop0`` sets LoRA dropout
     to 0.
@@ -520,8 +522,7 @@ def apply_variant(model, variant: str) -> dict:
             module.lora_dropout["default"] = drop
         if hasattr(module, "_fastpath_replay"):
             module._fastpath_replay = "noreplay" not in flags
-    cfg = fastpath.FastPathConfig(varlen_attention=pack, sync_free_steps="nansync" not in flags)
-    return cfg.sft_args()
+    return fastpath.FastPathConfig(varlen_attention=pack, sync_free_steps="nansync" not in flags)
 
 
 def estimate_gib(model_dir: Path, recipe: str) -> float | None:
@@ -552,7 +553,8 @@ def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None
     for spec in variants:
         # "fast-nofuse:full" runs that variant on the full workload only
         variant, _, only = spec.partition(":")
-        extra = apply_variant(model, variant) if recipe == "fast" else {}
+        fast = apply_variant(model, variant) if recipe == "fast" else None
+        extra = fast.sft_args() if fast is not None else {}
         if recipe == "unsloth":
             extra = {"padding_free": True, "max_length": None}
         for workload in only.split("+") if only else workloads:
@@ -569,7 +571,7 @@ def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None
                 processing_class=tok,
                 train_dataset=data[workload],
                 args=sft_args(str(args.scratch / f"{variant}-{workload}"), steps, **extra),
-                callbacks=[meter.callback],
+                callbacks=[meter.callback, *(fast.callbacks(model) if fast is not None else [])],
             )
             try:
                 out = trainer.train()

@@ -390,6 +390,51 @@ def test_sft_args_leave_the_gpu_queue_alone(tmp_path):
     assert "logging_nan_inf_filter" not in slow and "accelerator_config" not in slow
 
 
+def test_host_token_count_matches_the_trainers_own(tiny_model_dir, tmp_path):
+    """On the fast path the trained tokens are counted on the host (no read-back of a GPU
+    sum after every micro-step): the same total as the Trainer's own count."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from trainer.tinymodel import build_tokenizer
+
+    tok = build_tokenizer(VOCAB)
+    rows = [{"input_ids": e.tolist()} for e in _examples([5, 17, 30, 9, 24, 12, 40, 7])]
+    totals, counters = [], []
+    for host in (True, False):
+        model = _load(tiny_model_dir, fast=True)
+        fast = fastpath.FastPathConfig()
+        extra = fast.sft_args()
+        if not host:  # the Trainer's own count (padding-free rows: every token is real)
+            extra["include_num_input_tokens_seen"] = "all"
+        callbacks = fast.callbacks(model) if host else []
+        trainer = SFTTrainer(
+            model=model,
+            processing_class=tok,
+            train_dataset=Dataset.from_list(rows),
+            callbacks=callbacks,
+            args=SFTConfig(
+                output_dir=str(tmp_path / str(host)),
+                max_length=64,
+                per_device_train_batch_size=2,
+                gradient_accumulation_steps=2,
+                max_steps=3,
+                bf16=False,
+                use_cpu=True,
+                report_to="none",
+                save_strategy="no",
+                **extra,
+            ),
+        )
+        trainer.train()
+        totals.append(trainer.state.num_input_tokens_seen)
+        counters.append(callbacks)
+    assert extra.get("include_num_input_tokens_seen") == "all"
+    assert fastpath.FastPathConfig().sft_args()["include_num_input_tokens_seen"] == "no"
+    assert [type(c) for c in counters[0]] == [fastpath.HostTokenCount]
+    assert totals[0] == totals[1] > 0
+
+
 @pytest.mark.parametrize("nested", [True, False])
 def test_nf4_weight_read_once_dequantises_as_bitsandbytes(nested):
     """The fast path keeps a 4-bit weight's packed data and state between calls; a weight

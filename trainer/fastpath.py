@@ -66,6 +66,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 
 from trainer import kernels
 
@@ -132,7 +133,41 @@ class FastPathConfig:
             # Batches go to the GPU from pinned memory without a blocking copy (3 stalls
             # of the GPU queue at every micro-step's start otherwise).
             args["accelerator_config"] = {"non_blocking": True}
+            if self.varlen_attention:
+                # Counted on the host instead (``HostTokenCount``, from ``callbacks``).
+                args["include_num_input_tokens_seen"] = "no"
         return args
+
+    def callbacks(self, model: torch.nn.Module) -> list[Any]:
+        """Trainer callbacks this configuration needs, on the model the Trainer trains."""
+        return [HostTokenCount(model)] if self.sync_free_steps and self.varlen_attention else []
+
+
+class HostTokenCount(TrainerCallback):
+    """The Trainer's ``num_input_tokens_seen``, counted on the host.
+
+    The Trainer's own count sums each micro-batch on the GPU and reads the sum back once
+    the backward is queued, so the host waits for the GPU to drain at every micro-step.
+    Packed padding-free rows hold no padding: a micro-batch's tokens are its shape. Only
+    training forwards count (evaluation runs without gradients). The checkpoint keeps the
+    total, as it keeps the Trainer's own.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.pending = 0
+        self.hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and module.training and torch.is_grad_enabled():
+            self.pending += ids.numel()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        state.num_input_tokens_seen += self.pending
+        self.pending = 0
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        self.hook.remove()
 
 
 # ---------------------------------------------------------------- variable-length attention

@@ -186,12 +186,13 @@ class ProgressEvents(TrainerCallback):
 
     def __init__(self, events: EventSink) -> None:
         self.events = events
-        self.start_step = 0
+        self.start_step = self.start_tokens = 0
         self.start_time = time.monotonic()
 
     def on_train_begin(self, args, state, control, **kwargs):
         # After a resume, global_step is already the checkpoint's step here.
         self.start_step = state.global_step
+        self.start_tokens = state.num_input_tokens_seen
         self.start_time = time.monotonic()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -211,6 +212,10 @@ class ProgressEvents(TrainerCallback):
         done = state.global_step - self.start_step
         elapsed = time.monotonic() - self.start_time
         eta = elapsed / done * (state.max_steps - state.global_step) if done > 0 else None
+        # Tokens trained in this attempt (counted by the Trainer, or on the GPU path by
+        # ``fastpath.HostTokenCount``) over its time.
+        tokens = state.num_input_tokens_seen - self.start_tokens
+        speed = round(tokens / elapsed, 3) if tokens > 0 and elapsed > 0 else None
         self.events.emit(
             "progress",
             step=state.global_step,
@@ -219,7 +224,7 @@ class ProgressEvents(TrainerCallback):
             loss=logs.get("loss"),
             learning_rate=logs.get("learning_rate"),
             grad_norm=logs.get("grad_norm"),
-            tokens_per_second=logs.get("train_tokens_per_second"),
+            tokens_per_second=speed,
             eta_seconds=eta,
             peak_memory_bytes=peak_memory_bytes(),
         )
@@ -325,7 +330,7 @@ def run(spec: JobSpec, events: EventSink) -> dict[str, Any]:
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=[ProgressEvents(events)],
+        callbacks=[ProgressEvents(events), *(fast.callbacks(peft_model) if fast else [])],
     )
 
     # --- train, from the last checkpoint if a previous attempt left one
