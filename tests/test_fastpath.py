@@ -455,6 +455,10 @@ def test_nf4_weight_read_once_dequantises_as_bitsandbytes(nested):
     layer.weight = other.weight
     want = bnb.functional.dequantize_4bit(other.weight.data, other.weight.quant_state)
     assert torch.equal(fastpath._base_weight(layer, torch.bfloat16), want.bfloat16())
+    # The data swapped in place under the same Parameter, as ``Module.to`` does.
+    layer.weight.data = quantised(2).weight.data
+    want = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert torch.equal(fastpath._base_weight(layer, torch.bfloat16), want.bfloat16())
 
 
 @pytest.mark.gpu
