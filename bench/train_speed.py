@@ -184,7 +184,9 @@ class HostProfile:
 class Meter:
     """Counts real tokens per forward and times optimizer steps (synchronised)."""
 
-    def __init__(self, model, warmup: int, measure: int, profile_to: Path | None) -> None:
+    def __init__(
+        self, model, warmup: int, measure: int, profile_to: Path | None, host: bool = False
+    ) -> None:
         import torch
         from transformers import TrainerCallback
 
@@ -192,6 +194,7 @@ class Meter:
         self.step_tokens: list[int] = []
         self.step_ends: list[float] = []
         self.warmup, self.measure, self.profile_to = warmup, measure, profile_to
+        self.host = host  # the profile is HostProfile's (cProfile), not PyTorch's
         self.prof = None
         meter = self
 
@@ -218,7 +221,7 @@ class Meter:
                 meter.pending.clear()
                 done = len(meter.step_tokens)
                 if meter.profile_to is not None and done == meter.warmup + meter.measure:
-                    if meter.profile_to.name.startswith("python"):
+                    if meter.host:
                         meter.prof = HostProfile()
                     else:
                         meter.prof = torch.profiler.profile(
@@ -565,7 +568,7 @@ def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None
                 prof = args.out / f"profile_{variant}_{workload}.txt"
             if args.host_profile and variant in ("fast", "unsloth"):
                 prof = args.out / f"python_{variant}_{workload}.txt"
-            meter = Meter(model, args.warmup, args.measure, prof)
+            meter = Meter(model, args.warmup, args.measure, prof, host=args.host_profile)
             trainer = SFTTrainer(
                 model=model,
                 processing_class=tok,

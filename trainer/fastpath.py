@@ -133,14 +133,19 @@ class FastPathConfig:
             # Batches go to the GPU from pinned memory without a blocking copy (3 stalls
             # of the GPU queue at every micro-step's start otherwise).
             args["accelerator_config"] = {"non_blocking": True}
-            if self.varlen_attention:
+            if self._host_token_count:
                 # Counted on the host instead (``HostTokenCount``, from ``callbacks``).
                 args["include_num_input_tokens_seen"] = "no"
         return args
 
     def callbacks(self, model: torch.nn.Module) -> list[Any]:
         """Trainer callbacks this configuration needs, on the model the Trainer trains."""
-        return [HostTokenCount(model)] if self.sync_free_steps and self.varlen_attention else []
+        return [HostTokenCount(model)] if self._host_token_count else []
+
+    @property
+    def _host_token_count(self) -> bool:
+        # Only packed padding-free rows are all real tokens, so that their shape counts them.
+        return self.sync_free_steps and self.varlen_attention
 
 
 class HostTokenCount(TrainerCallback):
@@ -736,13 +741,8 @@ def _base_weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
     with torch._C.DisableTorchFunctionSubclass():  # 0.7 us, not Params4bit's 3.4
         ptr = weight.data_ptr()
     # A weight replaced on the module, or its data swapped in place (``Module.to`` does
-    # that), is read again.
-    if (
-        nf4 is None
-        or nf4.weight is not weight
-        or nf4.ptr != ptr
-        or nf4.state is not weight.quant_state
-    ):
+    # that), has other data or another state: it is read again.
+    if nf4 is None or nf4.ptr != ptr or nf4.state is not weight.quant_state:
         nf4 = base.__dict__["_fastpath_nf4"] = _NF4(base)
     return nf4.dequantize(dtype)
 
@@ -761,9 +761,8 @@ class _NF4:
         from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
         fix_4bit_weight_quant_state_from_module(base)  # as bitsandbytes' own forward does
-        self.weight = base.weight
-        self.state = self.weight.quant_state
-        self.packed = self.weight.data  # a plain tensor on the same storage
+        self.state = base.weight.quant_state
+        self.packed = base.weight.data  # a plain tensor on the same storage
         self.ptr = self.packed.data_ptr()
         self.impls = _cuda_dequantize_impls() if self.packed.is_cuda else None
 
