@@ -459,7 +459,8 @@ def apply_variant(model, variant: str):
     ``-nolean`` (the recompute runs the down projection too), ``-noreplay`` (the
     recompute runs the attention and q/k/v again instead of replaying what the forward
     parked), ``-nansync`` (the per-micro-step host reads: the NaN check, blocking batch
-    copies, the GPU token count) and ``-loraafter``
+    copies, the GPU token count), ``-noflat`` (the optimizer steps each LoRA weight
+    alone, not packed into one buffer) and ``-loraafter``
     (the LoRA term added after the base GEMM in every layer, not written first where
     ``fastpath.lora_first`` says) turn one piece off each; ``-drop0`` sets LoRA dropout
     to 0.
@@ -525,7 +526,11 @@ def apply_variant(model, variant: str):
             module.lora_dropout["default"] = drop
         if hasattr(module, "_fastpath_replay"):
             module._fastpath_replay = "noreplay" not in flags
-    return fastpath.FastPathConfig(varlen_attention=pack, sync_free_steps="nansync" not in flags)
+    return fastpath.FastPathConfig(
+        varlen_attention=pack,
+        sync_free_steps="nansync" not in flags,
+        flat_optimizer="noflat" not in flags,
+    )
 
 
 def estimate_gib(model_dir: Path, recipe: str) -> float | None:
@@ -569,12 +574,14 @@ def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None
             if args.host_profile and variant in ("fast", "unsloth"):
                 prof = args.out / f"python_{variant}_{workload}.txt"
             meter = Meter(model, args.warmup, args.measure, prof, host=args.host_profile)
+            config = sft_args(str(args.scratch / f"{variant}-{workload}"), steps, **extra)
             trainer = SFTTrainer(
                 model=model,
                 processing_class=tok,
                 train_dataset=data[workload],
-                args=sft_args(str(args.scratch / f"{variant}-{workload}"), steps, **extra),
+                args=config,
                 callbacks=[meter.callback, *(fast.callbacks(model) if fast is not None else [])],
+                optimizer_cls_and_kwargs=fast.optimizer(config) if fast is not None else None,
             )
             try:
                 out = trainer.train()

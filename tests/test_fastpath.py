@@ -49,7 +49,7 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-def _load(path, *, fast: bool, offload: bool = True, device: str = "cpu"):
+def _load(path, *, fast: bool, offload: bool = True, device: str = "cpu", rank: int = RANK):
     """The recipe's loading path: NF4, double quantisation, bf16 compute; then LoRA."""
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -66,8 +66,8 @@ def _load(path, *, fast: bool, offload: bool = True, device: str = "cpu"):
     else:
         model = prepare_model_for_kbit_training(model)
     lora = LoraConfig(
-        r=RANK,
-        lora_alpha=2 * RANK,
+        r=rank,
+        lora_alpha=2 * rank,
         lora_dropout=0.0,
         target_modules=list(ALL_PROJECTIONS),
         task_type="CAUSAL_LM",
@@ -433,6 +433,63 @@ def test_host_token_count_matches_the_trainers_own(tiny_model_dir, tmp_path):
     assert fastpath.FastPathConfig().sft_args()["include_num_input_tokens_seen"] == "no"
     assert [type(c) for c in counters[0]] == [fastpath.HostTokenCount]
     assert totals[0] == totals[1] > 0
+
+
+def test_trainer_steps_the_packed_optimizer_as_its_own(tiny_model_dir, tmp_path):
+    """A job's optimizer steps the LoRA weights packed into one buffer: the Trainer trains
+    the same adapter as with its own paged 8-bit AdamW, and saves it as usual."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from trainer.tinymodel import build_tokenizer
+
+    tok = build_tokenizer(VOCAB)
+    rows = [{"input_ids": e.tolist()} for e in _examples([5, 17, 30, 9, 24, 12, 40, 7])]
+    fast = fastpath.FastPathConfig()
+    adapters, trainers = [], []
+    for flat in (True, False):
+        model = _load(tiny_model_dir, fast=True, rank=32)  # rank 32: most weights >= 4096
+        args = SFTConfig(
+            output_dir=str(tmp_path / str(flat)),
+            max_length=64,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=3,
+            learning_rate=1e-2,
+            optim="paged_adamw_8bit",
+            bf16=False,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            **fast.sft_args(),
+        )
+        trainer = SFTTrainer(
+            model=model,
+            processing_class=tok,
+            train_dataset=Dataset.from_list(rows),
+            args=args,
+            optimizer_cls_and_kwargs=fast.optimizer(args) if flat else None,
+        )
+        trainer.train()
+        trainers.append(trainer)
+        lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        adapters.append(lora)
+        if flat:
+            model.save_pretrained(str(tmp_path / "adapter"))
+    packed = trainers[0].optimizer.param_groups[0]["params"]
+    own = trainers[1].optimizer.param_groups[0]["params"]
+    assert len(own) == len(adapters[1]) == 28 and len(packed) == 5  # 1 flat + 4 k/v B (2048)
+    assert adapters[0].keys() == adapters[1].keys()
+    start = dict(_load(tiny_model_dir, fast=True, rank=32).named_parameters())
+    for name, weight in adapters[0].items():
+        assert not torch.equal(weight, start[name]), name  # it trained
+        assert torch.equal(weight, adapters[1][name]), name
+    fresh = _load(tiny_model_dir, fast=True, rank=32)
+    fresh.load_adapter(str(tmp_path / "adapter"), adapter_name="saved")
+    saved = {n: p for n, p in fresh.named_parameters() if ".saved." in n}
+    assert len(saved) == len(adapters[0])
+    for name, weight in saved.items():
+        assert torch.equal(weight, adapters[0][name.replace(".saved.", ".default.")]), name
 
 
 @pytest.mark.parametrize("nested", [True, False])

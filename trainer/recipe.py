@@ -331,6 +331,7 @@ def run(spec: JobSpec, events: EventSink) -> dict[str, Any]:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=[ProgressEvents(events), *(fast.callbacks(peft_model) if fast else [])],
+        optimizer_cls_and_kwargs=fast.optimizer(args) if fast else None,
     )
 
     # --- train, from the last checkpoint if a previous attempt left one
