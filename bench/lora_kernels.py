@@ -123,50 +123,6 @@ def gemm_order() -> None:
         )
 
 
-def fused_dropout(sweep: bool) -> None:
-    """The LoRA GEMMs that touch the dropped input, against writing it: the forward's
-    ``dropout`` + ``mm`` against ``dropout_mm``, the backward's ``mm`` for A's gradient
-    (reading the dropped copy) against ``dropout_grad_a`` (drawing the mask again).
-    ``sweep`` times the alternative tiles (BLOCK_M, BLOCK_K/N, warps, stages)."""
-    dev, bf16 = "cuda", torch.bfloat16
-    tiles = [None]
-    if sweep:
-        tiles += [
-            (32, 128, 4, 3),
-            (64, 64, 4, 3),
-            (64, 128, 4, 4),
-            (64, 256, 8, 3),
-            (128, 64, 4, 3),
-            (128, 128, 8, 3),
-        ]
-    print(f"\nfused LoRA dropout GEMMs, tokens {TOKENS}, rank {RANK}, p {P}")
-    for width in SHAPES.values():
-        x = torch.randn(TOKENS, width, device=dev, dtype=bf16)
-        a = torch.randn(RANK, width, device=dev, dtype=bf16)
-        g_low = torch.randn(TOKENS, RANK, device=dev, dtype=bf16)
-        dropped = kernels.dropout(x, P, 1234)
-        fwd_copy = _time_ms(lambda x=x, a=a: torch.mm(kernels.dropout(x, P, 1234), a.t()))
-        bwd_copy = _time_ms(lambda g=g_low, d=dropped: torch.mm(g.t(), d))
-        want_f = (dropped.float() @ a.float().t()).norm()
-        want_b = g_low.float().t() @ dropped.float()
-        for tile in tiles:
-            got_f = kernels.dropout_mm(x, a, P, 1234, tile).float()
-            got_b = kernels.dropout_grad_a(g_low, x, P, 1234, tile)
-            err_f = ((got_f - dropped.float() @ a.float().t()).norm() / want_f).item()
-            err_b = ((got_b - want_b).norm() / want_b.norm()).item()
-            fwd = _time_ms(lambda x=x, a=a, t=tile: kernels.dropout_mm(x, a, P, 1234, t))
-            bwd = _time_ms(lambda g=g_low, x=x, t=tile: kernels.dropout_grad_a(g, x, P, 1234, t))
-            print(
-                f"  {width:>5} tile {tile or 'default'}: forward dropout+mm "
-                f"{fwd_copy * 1e3:6.1f} us, fused {fwd * 1e3:6.1f} ({fwd_copy / fwd:.2f}x, "
-                f"err {err_f:.1e}) | grad A mm {bwd_copy * 1e3:6.1f} us, fused "
-                f"{bwd * 1e3:6.1f} ({bwd_copy / bwd:.2f}x, err {err_b:.1e})"
-            )
-
-
 if __name__ == "__main__":
-    import sys
-
     main()
     gemm_order()
-    fused_dropout(sweep="--sweep" in sys.argv)

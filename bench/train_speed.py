@@ -460,9 +460,7 @@ def apply_variant(model, variant: str):
     recompute runs the attention and q/k/v again instead of replaying what the forward
     parked), ``-nansync`` (the per-micro-step host reads: the NaN check, blocking batch
     copies, the GPU token count), ``-noflat`` (the optimizer steps each LoRA weight
-    alone, not packed into one buffer), ``-dropcopy`` (the dropout writes the dropped
-    input, which the LoRA GEMMs then read, instead of drawing the mask inside them) and
-    ``-loraafter``
+    alone, not packed into one buffer) and ``-loraafter``
     (the LoRA term added after the base GEMM in every layer, not written first where
     ``fastpath.lora_first`` says) turn one piece off each; ``-drop0`` sets LoRA dropout
     to 0.
@@ -518,7 +516,6 @@ def apply_variant(model, variant: str):
             module._fastpath_autograd = "addmm" not in flags
             if not hasattr(module, "_bench_lora_first"):
                 module._bench_lora_first = getattr(module, "_fastpath_lora_first", (False, False))
-            module._fastpath_fused_dropout = "dropcopy" not in flags
             after = "loraafter" in flags
             module._fastpath_lora_first = (False, False) if after else module._bench_lora_first
             if hasattr(module, "_fastpath_output_unused"):

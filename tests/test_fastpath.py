@@ -325,15 +325,6 @@ acc, g, a = torch.randn(300, 512), torch.randn(300, 8), torch.randn(8, 512)
 want = acc + (g @ a) * keep / (1 - p)
 torch.testing.assert_close(kernels.add_masked_lora_grad(acc, g, a, p, seed), want)
 
-# The LoRA GEMMs that draw the mask as they read x: as if on the dropped copy.
-for m, k, tile in ((300, 512, None), (70, 96, (32, 32, 4, 1))):
-    x, a, g = torch.randn(m, k), torch.randn(8, k), torch.randn(m, 8)
-    dropped = kernels.dropout(x, p, seed)
-    got = kernels.dropout_mm(x, a, p, seed, tile)
-    torch.testing.assert_close(got, dropped @ a.t(), rtol=1e-4, atol=1e-4)
-    got = kernels.dropout_grad_a(g, x, p, seed, tile)
-    torch.testing.assert_close(got, g.t() @ dropped, rtol=1e-4, atol=1e-4)
-
 # The one-node LoRA layer on a plain linear base: the kernels' path against autograd over
 # the same formula with the drawn mask, and a checkpoint's recompute draws that mask again.
 base = torch.nn.Linear(64, 48, bias=False)
@@ -350,8 +341,8 @@ def grads(run):
         t.grad = None
     return out
 
-def node(h, first=(False, False), fused=True):
-    return fastpath._LoraLinear.apply(h, A, B, base, 2.0, 0.3, False, first, fused)
+def node(h, first=(False, False)):
+    return fastpath._LoraLinear.apply(h, A, B, base, 2.0, 0.3, False, first)
 
 def reference(h):
     torch.manual_seed(3)
@@ -360,12 +351,10 @@ def reference(h):
 
 want = grads(reference)
 first = lambda h: node(h, (True, True))  # noqa: E731  (the LoRA term written first)
-copied = lambda h: node(h, fused=False)  # noqa: E731  (the dropped input written)
-runs = [grads(node), grads(first), grads(copied)]
-runs.append(grads(lambda h: fastpath.offloaded_checkpoint(node, h)))
-for got in runs:  # float32, values to 1e5: summation order alone moves the small ones
+runs = [grads(node), grads(first), grads(lambda h: fastpath.offloaded_checkpoint(node, h))]
+for got in runs:
     for g_got, g_want in zip(got, want):
-        assert ((g_got - g_want).norm() / g_want.norm()).item() < 1e-6
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-4)
 print("ok")
 """
 

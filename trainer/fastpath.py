@@ -724,10 +724,7 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         )
         scaling = self.scaling[name]
         first = getattr(self, "_fastpath_lora_first", (False, False))
-        fused = getattr(self, "_fastpath_fused_dropout", True)
-        return _LoraLinear.apply(
-            x, lora_A.weight, lora_B.weight, base, scaling, p, skip, first, fused
-        )
+        return _LoraLinear.apply(x, lora_A.weight, lora_B.weight, base, scaling, p, skip, first)
     result = base(x)
     out_dtype = result.dtype
     if not torch.is_autocast_enabled(x.device.type):
@@ -856,18 +853,14 @@ class _LoraLinear(torch.autograd.Function):
     the LoRA term is written first and the long base GEMM adds into it. The NF4 weight is
     dequantised in the forward and again in the backward, as bitsandbytes does. With
     dropout, where Triton runs (``trainer.kernels``), the mask is drawn from a seed and
-    never stored, and the dropped input is never written (``fused``): the down-projection
-    GEMM to the rank draws the mask as it reads the input, the backward's GEMM for A's
-    gradient draws it again, and the input gradient's epilogue once more while adding
-    the LoRA term. Elsewhere it is PyTorch's own (``native_dropout``, the kernel
-    ``nn.Dropout`` runs). Either way a checkpointed layer's recompute draws the same mask
-    (the seed comes from the CPU generator, whose state the checkpoint restores).
+    never stored: the backward's epilogue draws it again while adding the LoRA term.
+    Elsewhere it is PyTorch's own (``native_dropout``, the kernel ``nn.Dropout`` runs).
+    Either way a checkpointed layer's recompute draws the same mask (the seed comes from
+    the CPU generator, whose state the checkpoint restores).
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, x, weight_a, weight_b, base, scaling, p, skip=False, first=(False, False), fused=True
-    ):
+    def forward(ctx, x, weight_a, weight_b, base, scaling, p, skip=False, first=(False, False)):  # type: ignore[override]
         dev = x.device.type
         dtype = (
             torch.get_autocast_dtype(dev)
@@ -876,19 +869,15 @@ class _LoraLinear(torch.autograd.Function):
         )
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
-        a, b = weight_a.to(dtype), weight_b.to(dtype)
-        mask, seed, low = None, None, None
-        xd = x2  # what the backward's grad_a reads: the input, or the dropped input
+        mask, seed = None, None
+        xd = x2
         if p > 0 and kernels.available(x2):
             seed = kernels.new_seed()  # a recompute draws it again: the same mask
-            if fused:  # the mask drawn as the GEMM reads x: no dropped copy is written
-                low = kernels.dropout_mm(x2, a, p, seed)
-            else:
-                xd = kernels.dropout(x2, p, seed)
+            xd = kernels.dropout(x2, p, seed)
         elif p > 0:
             xd, mask = torch.native_dropout(x2, p, True)
-        if low is None:
-            low = torch.mm(xd, a.t())
+        a, b = weight_a.to(dtype), weight_b.to(dtype)
+        low = torch.mm(xd, a.t())
         if skip:  # a recompute whose output only feeds the layer's (unused) output
             out = x2.new_empty(x2.shape[0], weight_b.shape[0])
         elif first[0]:  # the base GEMM's epilogue adds into the LoRA term
@@ -896,7 +885,6 @@ class _LoraLinear(torch.autograd.Function):
         else:
             out = torch.mm(x2, _base_weight(base, dtype).t()).addmm_(low, b.t(), alpha=scaling)
         ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.first = base, scaling, p, seed, first
-        ctx.drawn_in_gemm = seed is not None and xd is x2
         ctx.shape, ctx.x_dtype = shape, x.dtype
         ctx.ab_dtypes = (weight_a.dtype, weight_b.dtype)
         ctx.save_for_backward(xd, mask, low, a, b)
@@ -909,11 +897,7 @@ class _LoraLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
         g_low = torch.mm(g, b).mul_(s)  # d(low): (tokens, r)
         grad_b = torch.mm(g.t(), low).mul_(s) if ctx.needs_input_grad[2] else None
-        grad_a = None
-        if ctx.needs_input_grad[1] and ctx.drawn_in_gemm:
-            grad_a = kernels.dropout_grad_a(g_low, xd, ctx.p, ctx.seed)
-        elif ctx.needs_input_grad[1]:
-            grad_a = torch.mm(g_low.t(), xd)
+        grad_a = torch.mm(g_low.t(), xd) if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = _base_weight(ctx.base, a.dtype)
@@ -936,7 +920,7 @@ class _LoraLinear(torch.autograd.Function):
         da, db = ctx.ab_dtypes
         grad_a = grad_a.to(da) if grad_a is not None else None
         grad_b = grad_b.to(db) if grad_b is not None else None
-        return grad_x, grad_a, grad_b, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 def lora_first(in_features: int, out_features: int) -> tuple[bool, bool]:

@@ -6,11 +6,7 @@ add the masked input gradient. At 8B x 8192 tokens that is seven masks a layer a
 extra passes over the largest activations. Here the mask is a pure function of a seed
 and the element's index (Philox, four draws per call, as curand does), so:
 
-* ``dropout_mm`` computes the LoRA down-projection ``dropout(x) @ A.T`` drawing the mask
-  as it reads ``x``: neither the dropped input nor a mask is written, and the backward
-  keeps ``x`` (which it holds anyway) instead of a dropped copy;
-* ``dropout_grad_a`` computes A's gradient ``g_low.T @ dropout(x)`` the same way;
-* ``dropout`` writes only the dropped input (no mask tensor), where the GEMM is not fused;
+* ``dropout`` writes only the dropped input (no mask tensor);
 * ``add_masked_lora_grad`` computes the LoRA term of the input gradient,
   ``(g_low @ A) * mask / (1 - p)``, as a small GEMM (K = the rank) whose epilogue draws
   the same mask again and adds the result into the base gradient in place.
@@ -128,92 +124,6 @@ if triton is not None:
             term += tl.load(acc_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         tl.store(acc_ptr + offs, term.to(acc_ptr.dtype.element_ty), mask=inside)
 
-    @triton.jit
-    def _dropout_mm_kernel(
-        x_ptr,
-        a_ptr,
-        out_ptr,
-        M,
-        K,
-        R,
-        seed,
-        threshold,
-        scale,
-        BLOCK_M: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        PRECISION: tl.constexpr,
-    ):
-        """out (M, R) = dropout(x) (M, K) @ a.T, a (R, K): the mask drawn as x is read."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        ranks = tl.arange(0, BLOCK_R)
-        total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(
-                x_ptr + rows[:, None] * K + ks[None, :],
-                mask=(rows[:, None] < M) & (ks[None, :] < K),
-                other=0.0,
-            )
-            index4 = rows[:, None] * (K // 4) + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
-            x = tl.where(_keep(seed, index4, (BLOCK_M, BLOCK_K), threshold), x, 0.0)
-            a = tl.load(
-                a_ptr + ranks[None, :] * K + ks[:, None],
-                mask=(ranks[None, :] < R) & (ks[:, None] < K),
-                other=0.0,
-            )
-            total += tl.dot(x.to(a.dtype), a, input_precision=PRECISION)
-        tl.store(
-            out_ptr + rows[:, None] * R + ranks[None, :],
-            (total * scale).to(out_ptr.dtype.element_ty),
-            mask=(rows[:, None] < M) & (ranks[None, :] < R),
-        )
-
-    @triton.jit
-    def _dropout_grad_a_kernel(
-        g_ptr,
-        x_ptr,
-        out_ptr,
-        M,
-        K,
-        R,
-        rows_per_split,
-        seed,
-        threshold,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        PRECISION: tl.constexpr,
-    ):
-        """out[split] (R, K) = g[rows].T @ mask(x)[rows] over one split of the rows."""
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        split = tl.program_id(1)
-        ranks = tl.arange(0, BLOCK_R)
-        quads = tl.program_id(0) * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
-        total = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-        first = split * rows_per_split
-        for m0 in range(first, first + rows_per_split, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            inside = rows < M
-            g = tl.load(
-                g_ptr + rows[:, None] * R + ranks[None, :],
-                mask=inside[:, None] & (ranks[None, :] < R),
-                other=0.0,
-            )
-            x = tl.load(
-                x_ptr + rows[:, None] * K + cols[None, :],
-                mask=inside[:, None] & (cols[None, :] < K),
-                other=0.0,
-            )
-            index4 = rows[:, None] * (K // 4) + quads[None, :]
-            x = tl.where(_keep(seed, index4, (BLOCK_M, BLOCK_N), threshold), x, 0.0)
-            total += tl.dot(tl.trans(g), x.to(g.dtype), input_precision=PRECISION)
-        tl.store(
-            out_ptr + split * R * K + ranks[:, None] * K + cols[None, :],
-            total,
-            mask=(ranks[:, None] < R) & (cols[None, :] < K),
-        )
-
 
 def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """``x`` with each element zeroed with probability ``p`` and the rest scaled by 1/(1-p)."""
@@ -262,80 +172,3 @@ def add_masked_lora_grad(
         num_warps=4,
     )
     return acc
-
-
-# Tiles of the two kernels below (BLOCK_M, BLOCK_K or BLOCK_N, warps, stages); the bench
-# (bench/lora_kernels.py --sweep) times the alternatives.
-DROPOUT_MM_TILE = (64, 128, 4, 3)
-DROPOUT_GRAD_A_TILE = (64, 128, 4, 3)
-
-
-def _precision(x: torch.Tensor) -> str:
-    """float32 GEMMs in full precision, as ``torch.mm`` (not TF32, Triton's default)."""
-    return "ieee" if x.dtype == torch.float32 else "tf32"
-
-
-def dropout_mm(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, tile=None) -> torch.Tensor:
-    """``dropout(x, p, seed) @ a.T`` without writing the dropped ``x``: the mask is drawn
-    as the GEMM reads ``x`` (tokens, in); ``a`` (rank, in). Accumulates in float32 and
-    scales by 1/(1-p) once, at the end."""
-    m, k = x.shape
-    r = a.shape[0]
-    assert available(x) and a.shape == (r, k) and a.dtype == x.dtype
-    a = a.contiguous()
-    block_m, block_k, warps, stages = tile or DROPOUT_MM_TILE
-    out = x.new_empty(m, r)
-    _dropout_mm_kernel[(triton.cdiv(m, block_m),)](
-        x,
-        a,
-        out,
-        m,
-        k,
-        r,
-        seed,
-        _threshold(p),
-        1.0 / (1.0 - p),
-        BLOCK_M=block_m,
-        BLOCK_K=block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(r)),
-        PRECISION=_precision(x),
-        num_warps=warps,
-        num_stages=stages,
-    )
-    return out
-
-
-def dropout_grad_a(
-    g_low: torch.Tensor, x: torch.Tensor, p: float, seed: int, tile=None
-) -> torch.Tensor:
-    """``g_low.T @ dropout(x, p, seed)`` in float32 (rank, in), the mask drawn again as
-    ``x`` (tokens, in) is read; ``g_low`` (tokens, rank). The tokens are split over
-    several programs (a wide ``in`` alone gives too few) and the partial sums added."""
-    m, k = x.shape
-    r = g_low.shape[1]
-    assert available(x) and g_low.shape == (m, r) and g_low.dtype == x.dtype
-    g_low = g_low.contiguous()
-    block_m, block_n, warps, stages = tile or DROPOUT_GRAD_A_TILE
-    columns = triton.cdiv(k, block_n)
-    splits = max(1, min(triton.cdiv(m, block_m), 512 // columns))
-    rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
-    splits = triton.cdiv(m, rows_per_split)
-    partial = torch.empty(splits, r, k, device=x.device, dtype=torch.float32)
-    _dropout_grad_a_kernel[(columns, splits)](
-        g_low,
-        x,
-        partial,
-        m,
-        k,
-        r,
-        rows_per_split,
-        seed,
-        _threshold(p),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_R=max(16, triton.next_power_of_2(r)),
-        PRECISION=_precision(x),
-        num_warps=warps,
-        num_stages=stages,
-    )
-    return partial.sum(0).mul_(1.0 / (1.0 - p))
