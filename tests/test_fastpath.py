@@ -390,16 +390,40 @@ def test_sft_args_leave_the_gpu_queue_alone(tmp_path):
     assert "logging_nan_inf_filter" not in slow and "accelerator_config" not in slow
 
 
-def test_host_token_count_matches_the_trainers_own(tiny_model_dir, tmp_path):
-    """On the fast path the trained tokens are counted on the host (no read-back of a GPU
-    sum after every micro-step): the same total as the Trainer's own count."""
+def _cpu_trainer(model, out_dir, *, callbacks=(), optimizer=None, **extra):
+    """TRL's SFTTrainer on the CPU: 3 steps of 2 x 2 packed rows of a few tiny examples.
+    ``optimizer`` maps the arguments to ``optimizer_cls_and_kwargs``."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from trainer.tinymodel import build_tokenizer
 
-    tok = build_tokenizer(VOCAB)
     rows = [{"input_ids": e.tolist()} for e in _examples([5, 17, 30, 9, 24, 12, 40, 7])]
+    args = SFTConfig(
+        output_dir=str(out_dir),
+        max_length=64,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        **extra,
+    )
+    return SFTTrainer(
+        model=model,
+        processing_class=build_tokenizer(VOCAB),
+        train_dataset=Dataset.from_list(rows),
+        callbacks=list(callbacks),
+        args=args,
+        optimizer_cls_and_kwargs=optimizer(args) if optimizer else None,
+    )
+
+
+def test_host_token_count_matches_the_trainers_own(tiny_model_dir, tmp_path):
+    """On the fast path the trained tokens are counted on the host (no read-back of a GPU
+    sum after every micro-step): the same total as the Trainer's own count."""
     totals, counters = [], []
     for host in (True, False):
         model = _load(tiny_model_dir, fast=True)
@@ -408,24 +432,7 @@ def test_host_token_count_matches_the_trainers_own(tiny_model_dir, tmp_path):
         if not host:  # the Trainer's own count (padding-free rows: every token is real)
             extra["include_num_input_tokens_seen"] = "all"
         callbacks = fast.callbacks(model) if host else []
-        trainer = SFTTrainer(
-            model=model,
-            processing_class=tok,
-            train_dataset=Dataset.from_list(rows),
-            callbacks=callbacks,
-            args=SFTConfig(
-                output_dir=str(tmp_path / str(host)),
-                max_length=64,
-                per_device_train_batch_size=2,
-                gradient_accumulation_steps=2,
-                max_steps=3,
-                bf16=False,
-                use_cpu=True,
-                report_to="none",
-                save_strategy="no",
-                **extra,
-            ),
-        )
+        trainer = _cpu_trainer(model, tmp_path / str(host), callbacks=callbacks, **extra)
         trainer.train()
         totals.append(trainer.state.num_input_tokens_seen)
         counters.append(callbacks)
@@ -438,37 +445,17 @@ def test_host_token_count_matches_the_trainers_own(tiny_model_dir, tmp_path):
 def test_trainer_steps_the_packed_optimizer_as_its_own(tiny_model_dir, tmp_path):
     """A job's optimizer steps the LoRA weights packed into one buffer: the Trainer trains
     the same adapter as with its own paged 8-bit AdamW, and saves it as usual."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    from trainer.tinymodel import build_tokenizer
-
-    tok = build_tokenizer(VOCAB)
-    rows = [{"input_ids": e.tolist()} for e in _examples([5, 17, 30, 9, 24, 12, 40, 7])]
     fast = fastpath.FastPathConfig()
     adapters, trainers = [], []
     for flat in (True, False):
         model = _load(tiny_model_dir, fast=True, rank=32)  # rank 32: most weights >= 4096
-        args = SFTConfig(
-            output_dir=str(tmp_path / str(flat)),
-            max_length=64,
-            per_device_train_batch_size=2,
-            gradient_accumulation_steps=2,
-            max_steps=3,
+        trainer = _cpu_trainer(
+            model,
+            tmp_path / str(flat),
+            optimizer=fast.optimizer if flat else None,
             learning_rate=1e-2,
             optim="paged_adamw_8bit",
-            bf16=False,
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
             **fast.sft_args(),
-        )
-        trainer = SFTTrainer(
-            model=model,
-            processing_class=tok,
-            train_dataset=Dataset.from_list(rows),
-            args=args,
-            optimizer_cls_and_kwargs=fast.optimizer(args) if flat else None,
         )
         trainer.train()
         trainers.append(trainer)
