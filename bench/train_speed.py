@@ -233,17 +233,16 @@ class Meter:
                     meter.prof.__enter__()
                 elif meter.prof is not None:
                     meter.prof.__exit__(None, None, None)
-                    wall = meter.step_ends[-1] - meter.step_ends[-2]
-                    if isinstance(meter.prof, HostProfile):
-                        assert meter.profile_to is not None
-                        meter.profile_to.write_text(meter.prof.report(wall))
-                    else:
-                        meter.write_profile(wall)
+                    meter.write_profile(meter.step_ends[-1] - meter.step_ends[-2])
                     meter.prof = None
 
         self.callback = Callback()
 
     def write_profile(self, wall: float) -> None:
+        assert self.profile_to is not None
+        if self.host:
+            self.profile_to.write_text(self.prof.report(wall))
+            return
         ka = self.prof.key_averages()
         attr = "self_device_time_total"
         busy = sum(getattr(e, attr, 0) for e in ka) / 1e6
@@ -253,7 +252,6 @@ class Meter:
                 text.append(ka.table(sort_by=sort, row_limit=45, max_name_column_width=70))
             except Exception as e:  # profiler column names move between versions
                 text.append(f"table by {sort} failed: {e}")
-        assert self.profile_to is not None
         trace = self.profile_to.with_suffix(".trace.json")
         try:
             self.prof.export_chrome_trace(str(trace))

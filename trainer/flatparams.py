@@ -157,7 +157,7 @@ def _pack(groups: list[dict[str, Any]], min_size: int) -> list[tuple]:
 
 
 def _packed_state_dict(state_dict: dict[str, Any], layout: list[tuple]) -> dict[str, Any]:
-    """A checkpoint of the unpacked optimizer, packed as ``build`` packs the weights."""
+    """A checkpoint of the unpacked optimizer, packed as ``_pack`` packs the weights."""
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(layout) or all(
         len(saved["params"]) == len(packs) + len(rest)
