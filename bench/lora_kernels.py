@@ -3,7 +3,8 @@
 For the 8B layer shapes at 4 x 2048 tokens, times one LoRA layer's dropout work in the
 forward (the dropped input) and in the backward (the LoRA term of the input gradient
 added into the base one), both ways, and prints the figures and the ratio, measured in
-the same run. ``python3 bench/lora_kernels.py`` on a CUDA machine.
+the same run; likewise where the LoRA term joins the base GEMM. ``python3
+bench/lora_kernels.py`` on a CUDA machine.
 """
 
 from __future__ import annotations
@@ -49,10 +50,16 @@ def main() -> None:
 
         rows = {
             "forward: torch native_dropout": _time_ms(lambda x=x: torch.native_dropout(x, P, True)),
-            "forward: kernels.dropout": _time_ms(lambda x=x: kernels.dropout(x, P, 1234)),
             "backward: mm + compiled masked add": _time_ms(torch_backward),
-            "backward: kernels.add_masked_lora_grad": _time_ms(drawn_backward),
         }
+        # The kernels with each Philox setting: draws a call, rounds (the default last).
+        for per_call, rounds in ((4, 10), (8, 7), (8, 10)):
+            kernels.DRAWS_PER_CALL, kernels.PHILOX_ROUNDS = per_call, rounds
+            how = f"{per_call} draws/call, {rounds} rounds"
+            rows[f"forward: kernels.dropout, {how}"] = _time_ms(
+                lambda x=x: kernels.dropout(x, P, 1234)
+            )
+            rows[f"backward: kernels.add_masked_lora_grad, {how}"] = _time_ms(drawn_backward)
         # The fused epilogue adds what the two-step path adds, with the mask it draws.
         keep = kernels.dropout(torch.ones_like(x), P, 1234) != 0
         want = acc.float() + (g_low.float() @ a.float()) * keep * scale
@@ -61,13 +68,18 @@ def main() -> None:
         kept = keep.float().mean().item()
         print(f"\n{name}: kept share {kept:.4f} (want {1 - P}), epilogue rel. error {err:.1e}")
         for label, ms in rows.items():
-            print(f"  {label:<42} {ms * 1e3:8.1f} us")
-        fwd = rows["forward: torch native_dropout"] / rows["forward: kernels.dropout"]
+            print(f"  {label:<66} {ms * 1e3:8.1f} us")
+        fwd = rows["forward: torch native_dropout"] / rows[f"forward: kernels.dropout, {how}"]
         bwd = (
             rows["backward: mm + compiled masked add"]
-            / rows["backward: kernels.add_masked_lora_grad"]
+            / rows[f"backward: kernels.add_masked_lora_grad, {how}"]
         )
-        print(f"  ratio torch/kernels: forward {fwd:.2f}x, backward {bwd:.2f}x")
+        print(f"  ratio torch/kernels ({how}): forward {fwd:.2f}x, backward {bwd:.2f}x")
+        for step in ("forward: kernels.dropout", "backward: kernels.add_masked_lora_grad"):
+            base = rows[f"{step}, 4 draws/call, 10 rounds"]
+            for other in ("8 draws/call, 7 rounds", "8 draws/call, 10 rounds"):
+                ratio = base / rows[f"{step}, {other}"]
+                print(f"  {step}: (4 draws/call, 10 rounds) / ({other}) {ratio:.2f}x")
 
 
 def gemm_order() -> None:
@@ -124,5 +136,9 @@ def gemm_order() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    gemm_order()
+    import sys
+
+    # ``python3 bench/lora_kernels.py [dropout] [order]``: those parts (all by default).
+    parts = {"dropout": main, "order": gemm_order}
+    for part in sys.argv[1:] or list(parts):
+        parts[part]()

@@ -458,10 +458,11 @@ def apply_variant(model, variant: str):
     recompute runs the attention and q/k/v again instead of replaying what the forward
     parked), ``-nansync`` (the per-micro-step host reads: the NaN check, blocking batch
     copies, the GPU token count), ``-noflat`` (the optimizer steps each LoRA weight
-    alone, not packed into one buffer) and ``-loraafter``
-    (the LoRA term added after the base GEMM in every layer, not written first where
-    ``fastpath.lora_first`` says) turn one piece off each; ``-drop0`` sets LoRA dropout
-    to 0.
+    alone, not packed into one buffer), ``-loraafter`` (the LoRA term added after the
+    base GEMM in every layer, not written first where ``fastpath.lora_first`` says)
+    and ``-draw4`` (the dropout kernels draw 4 elements a Philox call, not 8) turn one
+    piece off each; ``-rounds7`` runs Philox with 7 rounds, not 10; ``-drop0`` sets
+    LoRA dropout to 0.
     """
     import sys
 
@@ -469,9 +470,11 @@ def apply_variant(model, variant: str):
     import torch.nn.functional as F
     from peft.tuners.lora import LoraLayer
 
-    from trainer import fastpath
+    from trainer import fastpath, kernels
 
     flags = set(variant.split("-")[1:])
+    kernels.DRAWS_PER_CALL = 4 if "draw4" in flags else 8
+    kernels.PHILOX_ROUNDS = 7 if "rounds7" in flags else 10
     base = model.get_base_model()
     pack = "nopack" not in flags
     base.set_attn_implementation(fastpath.ATTN_IMPLEMENTATION if pack else "sdpa")

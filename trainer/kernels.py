@@ -4,7 +4,7 @@ PyTorch's dropout (``native_dropout``) writes the dropped input and a one-byte m
 element, and the LoRA layer's backward then reads the mask again in a separate pass to
 add the masked input gradient. At 8B x 8192 tokens that is seven masks a layer and two
 extra passes over the largest activations. Here the mask is a pure function of a seed
-and the element's index (Philox, four draws per call, as curand does), so:
+and the element's index (Philox), so:
 
 * ``dropout`` writes only the dropped input (no mask tensor);
 * ``add_masked_lora_grad`` computes the LoRA term of the input gradient,
@@ -13,8 +13,18 @@ and the element's index (Philox, four draws per call, as curand does), so:
 
 The seed comes from torch's CPU generator (``new_seed``), whose state a checkpoint's
 recompute restores, so a recomputed layer draws the same masks as its forward. Each
-element is kept with probability ``1 - p`` (to 2**-24) independently, as with
-``torch.nn.Dropout``; the masks differ from PyTorch's (another random stream).
+element is kept independently, as with ``torch.nn.Dropout``; the masks differ from
+PyTorch's (another random stream).
+
+Both kernels spend more time on the Philox arithmetic than on memory (run 18: 59 us a
+dropout against about 38 us of bytes). So one Philox call (128 random bits) draws for
+``DRAWS_PER_CALL`` neighbouring elements of a row: 8 draws of 16 bits each, where curand
+draws 4 of 32 (run 20, H200, against 4 draws of 24 bits: the forward kernel 1.13x at
+width 4096 and 14336, the backward epilogue 1.11x). An element is dropped where its
+draw falls below ``round(p * 2**16)``, so the drop probability is ``p`` to within 2**-17
+(0.05 -> 0.0500031); the kept elements are scaled by 1/(1-p), as ``torch.nn.Dropout``
+does. ``PHILOX_ROUNDS`` is
+Random123's default of 10 (7 already pass BigCrush; Salmon et al., SC'11).
 
 On CUDA the kernels are compiled; on the CPU, Triton's interpreter
 (``TRITON_INTERPRET=1``, float32) runs them, which is how the tests check them here.
@@ -35,14 +45,19 @@ except ImportError:  # a CPU install without Triton keeps PyTorch's dropout
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Element indices are int32 in the kernels; a tile may reach past the end by a block.
 _MAX_ELEMENTS = 2**31 - 2**22
+# Draws of (32 // (DRAWS_PER_CALL // 4)) bits, DRAWS_PER_CALL a Philox call: 8 (16 bits,
+# the default) or 4 (24 of the 32 bits, the earlier kernels; ``bench/train_speed.py``'s
+# ``-draw4`` variant measures against them).
+DRAWS_PER_CALL = 8
+PHILOX_ROUNDS = 10
 
 
 def available(x: torch.Tensor) -> bool:
     """Whether these kernels can take ``x``: 2-D, contiguous, small enough to index, and
-    rows a multiple of 4 wide (one Philox call draws for 4 neighbours in a row)."""
+    rows a multiple of 8 wide (one Philox call draws for 8 neighbours in a row)."""
     if triton is None or x.dim() != 2 or not x.is_contiguous() or x.numel() > _MAX_ELEMENTS:
         return False
-    if x.shape[-1] % 4:
+    if x.shape[-1] % 8:
         return False
     if x.is_cuda:
         return x.dtype in (torch.bfloat16, torch.float16, torch.float32)
@@ -54,28 +69,55 @@ def new_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
-def _threshold(p: float) -> int:
-    """Drop an element where the top 24 bits of its draw fall below this."""
+def _draw(p: float) -> dict:
+    """The kernels' dropout arguments for probability ``p``: drop an element where its
+    draw (``BITS`` bits) falls below ``threshold``; scale the kept ones by ``scale``."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    return round(p * (1 << 24))
+    per_call = DRAWS_PER_CALL
+    if per_call not in (4, 8):
+        raise ValueError(f"kernels.DRAWS_PER_CALL must be 4 or 8, got {per_call}")
+    bits = 16 if per_call == 8 else 24
+    threshold = min(round(p * (1 << bits)), (1 << bits) - 1)
+    return {
+        "threshold": threshold,
+        "scale": 1.0 / (1.0 - p),
+        "PER_CALL": per_call,
+        "ROUNDS": PHILOX_ROUNDS,
+    }
 
 
 if triton is not None:
 
     @triton.jit
-    def _keep(seed, index4, shape: tl.constexpr, threshold):
-        """Keep-mask of ``shape`` (rows, 4 * index4's columns), drawn 4 elements a Philox call:
-        element ``i`` of the flattened tensor is component ``i % 4`` of draw ``i // 4``."""
-        r0, r1, r2, r3 = tl.randint4x(seed, index4)
-        draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), shape)
-        return (draws >> 8).to(tl.int32) >= threshold
+    def _keep(
+        seed, calls, shape: tl.constexpr, threshold, PER_CALL: tl.constexpr, ROUNDS: tl.constexpr
+    ):
+        """Keep-mask of ``shape`` (rows, PER_CALL * calls' columns): element ``i`` of the
+        flattened tensor takes draw ``i % PER_CALL`` of Philox call ``i // PER_CALL``."""
+        r0, r1, r2, r3 = tl.randint4x(seed, calls, ROUNDS)
+        words = tl.join(tl.join(r0, r1), tl.join(r2, r3))
+        if PER_CALL == 8:  # both 16-bit halves of each word
+            draws = tl.reshape(tl.join(words & 0xFFFF, words >> 16), shape)
+        else:  # the top 24 bits of each word
+            draws = tl.reshape(words >> 8, shape)
+        return draws.to(tl.int32) >= threshold
 
     @triton.jit
-    def _dropout_kernel(x_ptr, out_ptr, n, seed, threshold, scale, BLOCK: tl.constexpr):
+    def _dropout_kernel(
+        x_ptr,
+        out_ptr,
+        n,
+        seed,
+        threshold,
+        scale,
+        BLOCK: tl.constexpr,
+        PER_CALL: tl.constexpr,
+        ROUNDS: tl.constexpr,
+    ):
         start = tl.program_id(0) * BLOCK
-        index4 = start // 4 + tl.arange(0, BLOCK // 4)
-        keep = _keep(seed, index4, (BLOCK,), threshold)
+        calls = start // PER_CALL + tl.arange(0, BLOCK // PER_CALL)
+        keep = _keep(seed, calls, (BLOCK,), threshold, PER_CALL, ROUNDS)
         offs = start + tl.arange(0, BLOCK)
         inside = offs < n
         x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
@@ -97,6 +139,8 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         ACCUMULATE: tl.constexpr,
+        PER_CALL: tl.constexpr,
+        ROUNDS: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -114,9 +158,9 @@ if triton is not None:
                 other=0.0,
             )
             total += tl.dot(g, a)
-        quads = tl.program_id(1) * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
-        index4 = rows[:, None] * (N // 4) + quads[None, :]
-        keep = _keep(seed, index4, (BLOCK_M, BLOCK_N), threshold)
+        groups = tl.program_id(1) * (BLOCK_N // PER_CALL) + tl.arange(0, BLOCK_N // PER_CALL)
+        calls = rows[:, None] * (N // PER_CALL) + groups[None, :]
+        keep = _keep(seed, calls, (BLOCK_M, BLOCK_N), threshold, PER_CALL, ROUNDS)
         offs = rows[:, None] * N + cols[None, :]
         inside = (rows[:, None] < M) & (cols[None, :] < N)
         term = tl.where(keep, total * scale, 0.0)
@@ -126,12 +170,13 @@ if triton is not None:
 
 
 def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """``x`` with each element zeroed with probability ``p`` and the rest scaled by 1/(1-p)."""
+    """``x`` with each element zeroed with probability ``p`` (to 2**-17: see the module's
+    docstring) and the rest scaled by 1/(1-p)."""
     assert available(x), "dropout kernel: see kernels.available for what it takes"
     out = torch.empty_like(x)
     block = 2048
     grid = (triton.cdiv(x.numel(), block),)
-    _dropout_kernel[grid](x, out, x.numel(), seed, _threshold(p), 1.0 / (1.0 - p), BLOCK=block)
+    _dropout_kernel[grid](x, out, x.numel(), seed, **_draw(p), BLOCK=block)
     return out
 
 
@@ -163,8 +208,7 @@ def add_masked_lora_grad(
         n,
         k,
         seed,
-        _threshold(p),
-        1.0 / (1.0 - p),
+        **_draw(p),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
