@@ -3,7 +3,8 @@
 For the 8B layer shapes at 4 x 2048 tokens, times one LoRA layer's dropout work in the
 forward (the dropped input) and in the backward (the LoRA term of the input gradient
 added into the base one), both ways, and prints the figures and the ratio, measured in
-the same run; likewise where the LoRA term joins the base GEMM. ``python3
+the same run; likewise where the LoRA term joins the base GEMM, and NF4 dequantisation
+(bitsandbytes' kernels against ``kernels.dequantize_nf4``). ``python3
 bench/lora_kernels.py`` on a CUDA machine.
 """
 
@@ -135,10 +136,46 @@ def gemm_order() -> None:
         )
 
 
+def nf4_dequantisation() -> None:
+    """One NF4 weight (double quantisation) to bf16: bitsandbytes' kernels, as the fast
+    path calls them, against ``kernels.dequantize_nf4``; the two outputs compared bit for
+    bit, and the time against the bytes' time at the card's 4.8 TB/s."""
+    import bitsandbytes.functional as F
+
+    print("\nNF4 dequantisation to bf16 (double quantisation)")
+    for n, k in ((4096, 4096), (1024, 4096), (14336, 4096)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        packed, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        holder = torch.nn.Module()
+        holder.weight = torch.nn.Parameter(packed, requires_grad=False)
+        holder.weight.quant_state = state
+        nf4 = fastpath._NF4(holder)
+        t = {}
+        for fused in (False, True):
+            kernels.FUSED_NF4 = fused
+            t[fused] = _time_ms(lambda nf4=nf4: nf4.dequantize(torch.bfloat16))
+        # Weights and warps a program of the one kernel (the default, 4096 and 4, last).
+        sweep = []
+        for block, warps in ((2048, 4), (8192, 4), (8192, 8), (16384, 8), (4096, 8), (4096, 4)):
+            kernels._NF4_BLOCK, kernels._NF4_WARPS = block, warps
+            us = _time_ms(lambda p=packed, s=state: kernels.dequantize_nf4(p, s, torch.bfloat16))
+            sweep.append(f"{block}/{warps}w {us * 1e3:.1f}")
+        print(f"  {n:>5} x {k}: one kernel by weights/warps a program (us): {', '.join(sweep)}")
+        same = torch.equal(
+            kernels.dequantize_nf4(packed, state, torch.bfloat16), nf4.dequantize(torch.bfloat16)
+        )
+        floor_us = (packed.numel() + 2 * n * k) / 4.8e12 * 1e6
+        print(
+            f"  {n:>5} x {k}: bitsandbytes {t[False] * 1e3:7.1f} us | one kernel "
+            f"{t[True] * 1e3:7.1f} us | ratio {t[False] / t[True]:.2f}x | bytes at 4.8 TB/s "
+            f"{floor_us:5.1f} us | equal: {same}"
+        )
+
+
 if __name__ == "__main__":
     import sys
 
-    # ``python3 bench/lora_kernels.py [dropout] [order]``: those parts (all by default).
-    parts = {"dropout": main, "order": gemm_order}
+    # ``python3 bench/lora_kernels.py [dropout] [order] [nf4]``: those parts (all by default).
+    parts = {"dropout": main, "order": gemm_order, "nf4": nf4_dequantisation}
     for part in sys.argv[1:] or list(parts):
         parts[part]()

@@ -459,10 +459,11 @@ def apply_variant(model, variant: str):
     parked), ``-nansync`` (the per-micro-step host reads: the NaN check, blocking batch
     copies, the GPU token count), ``-noflat`` (the optimizer steps each LoRA weight
     alone, not packed into one buffer), ``-loraafter`` (the LoRA term added after the
-    base GEMM in every layer, not written first where ``fastpath.lora_first`` says)
-    and ``-draw4`` (the dropout kernels draw 4 elements a Philox call, not 8) turn one
-    piece off each; ``-rounds7`` runs Philox with 7 rounds, not 10; ``-drop0`` sets
-    LoRA dropout to 0.
+    base GEMM in every layer, not written first where ``fastpath.lora_first`` says),
+    ``-draw4`` (the dropout kernels draw 4 elements a Philox call, not 8) and
+    ``-bnbdequant`` (NF4 weights dequantised by bitsandbytes' kernels, not
+    ``kernels.dequantize_nf4``) turn one piece off each; ``-rounds7`` runs Philox with
+    7 rounds, not 10; ``-drop0`` sets LoRA dropout to 0.
     """
     import sys
 
@@ -475,6 +476,7 @@ def apply_variant(model, variant: str):
     flags = set(variant.split("-")[1:])
     kernels.DRAWS_PER_CALL = 4 if "draw4" in flags else 8
     kernels.PHILOX_ROUNDS = 7 if "rounds7" in flags else 10
+    kernels.FUSED_NF4 = "bnbdequant" not in flags
     base = model.get_base_model()
     pack = "nopack" not in flags
     base.set_attn_implementation(fastpath.ATTN_IMPLEMENTATION if pack else "sdpa")

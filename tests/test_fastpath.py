@@ -386,6 +386,32 @@ def test_dropout_kernels_in_the_triton_interpreter():
     _interpret(_INTERPRETED_DROPOUT)
 
 
+_INTERPRETED_NF4 = """
+import bitsandbytes.functional as F
+import torch
+from trainer import kernels
+
+torch.manual_seed(0)
+# Shapes whose last 64-weight block is short (7000 = 109 x 64 + 24), nested and not.
+for shape, nested in (((48, 64), True), ((100, 70), True), ((100, 70), False)):
+    w = torch.randn(shape) * torch.rand(shape[0], 1) * 4
+    packed, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
+    assert state.nested == nested and kernels.nf4_available(packed, state, torch.float32)
+    want = F.dequantize_4bit(packed, state).float()
+    got = kernels.dequantize_nf4(packed, state, torch.float32)
+    assert got.shape == want.shape and torch.equal(got, want), (shape, nested)
+_, fp4 = F.quantize_4bit(torch.randn(8, 64), quant_type="fp4")
+assert not kernels.nf4_available(packed, fp4, torch.float32)
+print("ok")
+"""
+
+
+def test_nf4_kernel_in_the_triton_interpreter():
+    """The one-kernel NF4 dequantisation equals bitsandbytes' bit for bit, with double
+    quantisation and without, a short last block included (interpreter, float32)."""
+    _interpret(_INTERPRETED_NF4)
+
+
 def test_sft_args_leave_the_gpu_queue_alone(tmp_path):
     from trl import SFTConfig
 
@@ -510,6 +536,33 @@ def test_nf4_weight_read_once_dequantises_as_bitsandbytes(nested):
     layer.weight.data = quantised(2).weight.data
     want = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     assert torch.equal(fastpath._base_weight(layer, torch.bfloat16), want.bfloat16())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("nested", [True, False])
+def test_gpu_nf4_kernel_dequantises_as_bitsandbytes(nested, monkeypatch):
+    """On CUDA, at the 8B shapes and a short last block, the one-kernel NF4 dequantisation
+    is bitsandbytes' bit for bit in each compute dtype, and the fast path's layer reads
+    its weights through it."""
+    import bitsandbytes.functional as F
+    from bitsandbytes.nn import Linear4bit
+
+    for shape in ((4096, 4096), (1024, 4096), (14336, 4096), (100, 70)):
+        w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        packed, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            state.dtype = dtype  # bitsandbytes dequantises to the state's dtype
+            want = F.dequantize_4bit(packed, state)
+            assert torch.equal(kernels.dequantize_nf4(packed, state, dtype), want), shape
+    layer = Linear4bit(64, 128, bias=False, compress_statistics=nested, quant_type="nf4")
+    layer.load_state_dict({"weight": torch.randn(128, 64)})
+    layer = layer.to("cuda")
+    calls = []
+    real = kernels.dequantize_nf4
+    monkeypatch.setattr(kernels, "dequantize_nf4", lambda *a: calls.append(a) or real(*a))
+    want = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).bfloat16()
+    assert torch.equal(fastpath._base_weight(layer, torch.bfloat16), want) and len(calls) == 1
 
 
 @pytest.mark.gpu
