@@ -49,6 +49,9 @@ and each runs for real on the CPU too, where the tests check it:
   non-blocking copies from pinned memory. NF4 weights are read once (``_NF4``): their
   dequantisation skips ``Params4bit``'s Python ``__torch_function__`` and, on CUDA, the
   custom-op dispatch, host time the GPU waits for in the short layers.
+* **NF4 dequantisation in one kernel** (CUDA). ``kernels.dequantize_nf4`` gives
+  bitsandbytes' result bit for bit in one pass, where bitsandbytes runs three kernels and
+  an add for a double-quantised weight (2,176 dequantisations a step at 8B).
 
 The loss itself needs nothing here: TRL's ``SFTTrainer`` already computes it with a
 chunked LM head (``add_fused_lm_head``) that never materialises the full logits.

@@ -144,7 +144,7 @@ def load_model(path: str, cfg: JobConfig, fast: FastPathConfig | None) -> PeftMo
     """The 4-bit base with LoRA on top, ready to train.
 
     With ``fast`` (the GPU default) ``trainer.fastpath`` prepares the model: same
-    function, about half the memory and 1.8x the speed on full rows, 8x on real data
+    function, about half the memory and 1.9x the speed on full rows, 7-8x on real data
     (bench/README.md). Without it, PEFT's ``prepare_model_for_kbit_training``.
     """
     on_gpu = torch.cuda.is_available()
