@@ -400,7 +400,7 @@ for shape, nested in (((48, 64), True), ((100, 70), True), ((100, 70), False)):
     want = F.dequantize_4bit(packed, state).float()
     got = kernels.dequantize_nf4(packed, state, torch.float32)
     assert got.shape == want.shape and torch.equal(got, want), (shape, nested)
-_, fp4 = F.quantize_4bit(torch.randn(8, 64), quant_type="fp4")
+packed, fp4 = F.quantize_4bit(torch.randn(8, 64), quant_type="fp4")  # bitsandbytes' own
 assert not kernels.nf4_available(packed, fp4, torch.float32)
 print("ok")
 """

@@ -20,12 +20,12 @@ PyTorch's (another random stream).
 Both kernels spend more time on the Philox arithmetic than on memory (run 18: 59 us a
 dropout against about 38 us of bytes). So one Philox call (128 random bits) draws for
 ``DRAWS_PER_CALL`` neighbouring elements of a row: 8 draws of 16 bits each, where curand
-draws 4 of 32 (run 20, H200, against 4 draws of 24 bits: the forward kernel 1.13x at
-width 4096 and 14336, the backward epilogue 1.11x). An element is dropped where its
-draw falls below ``round(p * 2**16)``, so the drop probability is ``p`` to within 2**-17
-(0.05 -> 0.0500031); the kept elements are scaled by 1/(1-p), as ``torch.nn.Dropout``
-does. ``PHILOX_ROUNDS`` is
-Random123's default of 10 (7 already pass BigCrush; Salmon et al., SC'11).
+draws 4 of 32 (runs 19-20, H200, against 4 draws of 24 bits: the forward kernel
+1.06-1.14x at widths 4096 and 14336, the backward epilogue 1.11-1.12x). An element is
+dropped where its draw falls below ``round(p * 2**16)``, so the drop probability is
+``p`` to within 2**-17 (0.05 -> 0.0500031); the kept elements are scaled by 1/(1-p), as
+``torch.nn.Dropout`` does. ``PHILOX_ROUNDS`` is Random123's default of 10 (7 already
+pass BigCrush; Salmon et al., SC'11).
 
 ``dequantize_nf4`` is bitsandbytes' ``dequantize_4bit`` for an NF4 weight with its double
 quantisation, in one kernel and bit for bit: the block scales' own dequantisation
@@ -55,9 +55,8 @@ except ImportError:  # a CPU install without Triton keeps PyTorch's dropout
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Element indices are int32 in the kernels; a tile may reach past the end by a block.
 _MAX_ELEMENTS = 2**31 - 2**22
-# Draws of (32 // (DRAWS_PER_CALL // 4)) bits, DRAWS_PER_CALL a Philox call: 8 (16 bits,
-# the default) or 4 (24 of the 32 bits, the earlier kernels; ``bench/train_speed.py``'s
-# ``-draw4`` variant measures against them).
+# Draws a Philox call: 8 of 16 bits (the default) or 4 of 24 (the top bits of each word:
+# the earlier kernels, which ``bench/train_speed.py``'s ``-draw4`` variant measures).
 DRAWS_PER_CALL = 8
 PHILOX_ROUNDS = 10
 
@@ -81,7 +80,7 @@ def new_seed() -> int:
 
 def _draw(p: float) -> dict:
     """The kernels' dropout arguments for probability ``p``: drop an element where its
-    draw (``BITS`` bits) falls below ``threshold``; scale the kept ones by ``scale``."""
+    draw (16 or 24 bits) falls below ``threshold``; scale the kept ones by ``scale``."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     per_call = DRAWS_PER_CALL
@@ -235,6 +234,8 @@ def nf4_available(packed: torch.Tensor, state, dtype: torch.dtype) -> bool:
         return False
     if not packed.is_contiguous() or packed.dtype != torch.uint8 or packed.numel() >= 2**30:
         return False
+    if state.code.device != packed.device or state.absmax.device != packed.device:
+        return False  # bitsandbytes' own path says what is wrong
     sizes = [state.blocksize] + ([state.state2.blocksize] if state.nested else [])
     if any(b < 2 or b & (b - 1) for b in sizes) or state.blocksize > _NF4_BLOCK:
         return False
