@@ -791,10 +791,14 @@ class _NF4:
         self.packed = base.weight.data  # a plain tensor on the same storage
         self.ptr = self.packed.data_ptr()
         self.impls = _cuda_dequantize_impls() if self.packed.is_cuda else None
+        self.fusable: dict[torch.dtype, bool] = {}  # kernels.nf4_available, per dtype
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         state, impls = self.state, self.impls
-        if kernels.nf4_available(self.packed, state, dtype):
+        fusable = self.fusable.get(dtype)
+        if fusable is None:
+            fusable = self.fusable[dtype] = kernels.nf4_available(self.packed, state, dtype)
+        if fusable and kernels.FUSED_NF4:
             return kernels.dequantize_nf4(self.packed, state, dtype)
         absmax = state.absmax
         if state.nested:

@@ -230,7 +230,7 @@ def add_masked_lora_grad(
 def nf4_available(packed: torch.Tensor, state, dtype: torch.dtype) -> bool:
     """Whether ``dequantize_nf4`` can take this bitsandbytes 4-bit weight: NF4, its packed
     data contiguous on CUDA (or in the interpreter, to float32), blocks of a power of 2."""
-    if triton is None or not FUSED_NF4 or state.quant_type != "nf4":
+    if triton is None or state.quant_type != "nf4":
         return False
     if not packed.is_contiguous() or packed.dtype != torch.uint8 or packed.numel() >= 2**30:
         return False
@@ -244,7 +244,8 @@ def nf4_available(packed: torch.Tensor, state, dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.float32
 
 
-# The fused NF4 dequantisation (``-bnbdequant`` in ``bench/train_speed.py`` turns it off).
+# Whether the fast path uses ``dequantize_nf4`` where it can (``-bnbdequant`` in
+# ``bench/train_speed.py`` turns it off).
 FUSED_NF4 = True
 _NF4_BLOCK, _NF4_WARPS = 4096, 4  # weights a program, warps a program
 
@@ -287,8 +288,7 @@ if triton is not None:
 
 def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
     """``bitsandbytes.functional.dequantize_4bit(packed, state)`` in ``dtype``, bit for bit
-    (``nf4_available`` says what it takes)."""
-    assert nf4_available(packed, state, dtype), "see kernels.nf4_available"
+    (what ``nf4_available`` accepts: the caller checks it, once per weight)."""
     out = torch.empty(state.shape, dtype=dtype, device=packed.device)
     n = out.numel()
     nested = state.nested
