@@ -456,10 +456,12 @@ def apply_variant(model, variant: str):
     ``-addmm`` (the LoRA layer as PEFT modules + one ``addmm``, not one autograd node),
     ``-nolean`` (the recompute runs the down projection too), ``-noreplay`` (the
     recompute runs the attention and q/k/v again instead of replaying what the forward
-    parked), ``-nansync`` (the per-micro-step host reads: the NaN check, blocking batch
-    copies, the GPU token count), ``-noflat`` (the optimizer steps each LoRA weight
-    alone, not packed into one buffer), ``-loraafter`` (the LoRA term added after the
-    base GEMM in every layer, not written first where ``fastpath.lora_first`` says),
+    parked), ``-noresid`` (the recompute runs the output projection again instead of
+    reading the parked residual stream), ``-nansync`` (the per-micro-step host reads:
+    the NaN check, blocking batch copies, the GPU token count), ``-noflat`` (the
+    optimizer steps each LoRA weight alone, not packed into one buffer), ``-loraafter``
+    (the LoRA term added after the base GEMM in every layer, not written first where
+    ``fastpath.lora_first`` says),
     ``-draw4`` (the dropout kernels draw 4 elements a Philox call, not 8) and
     ``-bnbdequant`` (NF4 weights dequantised by bitsandbytes' kernels, not
     ``kernels.dequantize_nf4``) turn one piece off each; ``-rounds7`` runs Philox with
@@ -528,7 +530,8 @@ def apply_variant(model, variant: str):
             drop = torch.nn.Identity() if "drop0" in flags else module._bench_dropout
             module.lora_dropout["default"] = drop
         if hasattr(module, "_fastpath_replay"):
-            module._fastpath_replay = "noreplay" not in flags
+            norm = type(module).__name__.endswith("RMSNorm")
+            module._fastpath_replay = ("noresid" if norm else "noreplay") not in flags
     return fastpath.FastPathConfig(
         varlen_attention=pack,
         sync_free_steps="nansync" not in flags,

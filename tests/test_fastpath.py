@@ -250,13 +250,17 @@ def test_lora_term_order_follows_the_measured_shapes():
 
 
 def _lean_and_replay_runs(model, monkeypatch, device="cpu"):
-    """Loss, LoRA gradients and dequantisations with (lean + replay), (lean), (neither)."""
+    """Loss, LoRA gradients and dequantisations with (lean + attention and residual
+    replay), (lean + residual replay), (lean), (neither)."""
     downs = [m for n, m in model.named_modules() if n.endswith("mlp.down_proj")]
     attns = [m for n, m in model.named_modules() if n.endswith("self_attn")]
+    norms = [m for n, m in model.named_modules() if n.endswith("post_attention_layernorm")]
     assert len(downs) == 2 and all(d._fastpath_output_unused for d in downs)
     assert len(attns) == 2 and all(
-        a._fastpath_replay and a.q_proj._fastpath_replayed for a in attns
+        a._fastpath_replay and a.q_proj._fastpath_replayed == "attention" for a in attns
     )
+    assert len(norms) == 2 and all(m._fastpath_replay for m in norms)
+    assert all(a.o_proj._fastpath_replayed == "residual" for a in attns)
     for layer in model.modules():
         if hasattr(layer, "lora_dropout"):
             layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
@@ -270,11 +274,18 @@ def _lean_and_replay_runs(model, monkeypatch, device="cpu"):
         fastpath, "_rope_grad", lambda *a: rotated_back.append(a[0]) or real_rope_grad(*a)
     )
     runs = []
-    for lean, replay in ((True, True), (True, False), (False, False)):
+    for lean, replay, residual in (
+        (True, True, True),
+        (True, False, True),
+        (True, False, False),
+        (False, False, False),
+    ):
         for d in downs:
             d._fastpath_output_unused = lean
         for a in attns:
             a._fastpath_replay = replay
+        for m in norms:
+            m._fastpath_replay = residual
         dequantised.clear()
         rotated_back.clear()
         torch.manual_seed(11)
@@ -288,17 +299,20 @@ def _lean_and_replay_runs(model, monkeypatch, device="cpu"):
     return runs
 
 
-def test_lean_recompute_and_attention_replay_change_no_gradient(tiny_model_dir, monkeypatch):
+def test_lean_recompute_and_replays_change_no_gradient(tiny_model_dir, monkeypatch):
     """The recompute skips the down projection's GEMM (its output only feeds the layer
-    output) and, with the attention parked in the forward and replayed, the q/k/v GEMMs;
-    the loss and every LoRA gradient are bit-identical to the full recompute."""
+    output); with the residual after the attention parked, the output projection's; with
+    the attention parked and replayed, the q/k/v GEMMs too. The loss and every LoRA
+    gradient are bit-identical to the full recompute."""
     model = _load(tiny_model_dir, fast=True).train()
     runs = _lean_and_replay_runs(model, monkeypatch)
-    (loss_all, g_all, n_all), (loss_lean, g_lean, n_lean), (loss_full, g_full, n_full) = runs
+    (loss_all, g_all, n_all), (loss_res, g_res, n_res), (loss_lean, g_lean, n_lean) = runs[:3]
+    loss_full, g_full, n_full = runs[3]
     assert n_full - n_lean == 2  # one dequantisation (and GEMM) fewer in each of 2 layers
-    assert n_lean - n_all == 3 * 2  # and q, k and v's too
-    assert torch.equal(loss_all, loss_full) and torch.equal(loss_lean, loss_full)
-    assert torch.equal(g_all, g_full) and torch.equal(g_lean, g_full)
+    assert n_lean - n_res == 2  # o_proj's
+    assert n_res - n_all == 3 * 2  # and q, k and v's too
+    for loss, g in ((loss_all, g_all), (loss_res, g_res), (loss_lean, g_lean)):
+        assert torch.equal(loss, loss_full) and torch.equal(g, g_full)
 
 
 _INTERPRETED_DROPOUT = """
@@ -572,9 +586,10 @@ def test_gpu_lean_recompute_and_flash_replay(tiny_model_dir, monkeypatch):
     same loss and gradients as the full recompute, within FlashAttention's atomics."""
     model = _load(tiny_model_dir, fast=True, device="cuda").train()
     runs = _lean_and_replay_runs(model, monkeypatch, device="cuda")
-    (loss_all, g_all, n_all), (loss_lean, g_lean, n_lean), (loss_full, g_full, n_full) = runs
-    assert (n_full - n_lean, n_lean - n_all) == (2, 6)
-    for loss, g in ((loss_all, g_all), (loss_lean, g_lean)):
+    (loss_all, g_all, n_all), (loss_res, g_res, n_res), (loss_lean, g_lean, n_lean) = runs[:3]
+    loss_full, g_full, n_full = runs[3]
+    assert (n_full - n_lean, n_lean - n_res, n_res - n_all) == (2, 2, 6)
+    for loss, g in ((loss_all, g_all), (loss_res, g_res), (loss_lean, g_lean)):
         torch.testing.assert_close(loss, loss_full, rtol=1e-3, atol=0)
         assert ((g - g_full).norm() / g_full.norm()).item() < 1e-2
 

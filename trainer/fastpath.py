@@ -43,6 +43,10 @@ and each runs for real on the CPU too, where the tests check it:
   tokens, over the bus while the GPU computes); the recompute runs the attention backward
   on them, so it skips the attention forward, the q/k/v GEMMs and RoPE's forward (its
   backward, the inverse rotation, still runs).
+* **Residual replay.** The residual stream after each layer's attention (what the MLP's
+  norm reads) is parked too, 64 MiB a layer at 8B x 8192 tokens; the recompute hands the
+  norm that value, so the output projection's GEMM is skipped as well (its output only
+  feeds the sum the parked value stands for).
 * **No needless host waits.** ``cu_seqlens`` costs one small copy to the host per
   forward; the Trainer's NaN filter of the logged loss (a host read after every
   micro-step, which drains the GPU queue) is off, and batches reach the GPU by
@@ -113,6 +117,13 @@ class FastPathConfig:
             "help": "Park each layer's attention inputs, output and log-sum-exp in host "
             "memory with its checkpoint: the recompute skips the q/k/v GEMMs and the "
             "attention forward."
+        },
+    )
+    replay_residual: bool = field(
+        default=True,
+        metadata={
+            "help": "Park the residual stream after each layer's attention with its "
+            "checkpoint: the recompute skips the output projection's GEMM."
         },
     )
     sync_free_steps: bool = field(
@@ -297,9 +308,8 @@ def varlen_attention_forward(
         return _padded_attention(query, key, value, attention_mask, dropout, scaling)
     assert max_len is not None
     flash = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-    replay = _RECOMPUTE["replay"]
-    if replay:  # a recompute: this layer's attention was parked in its forward
-        parked, meta = replay.popleft()
+    if _replay_head() == "attention":  # a recompute: this layer's attention was parked
+        parked, meta = _RECOMPUTE["replay"].popleft()
         out = _AttentionReplay.apply(query, key, value, cu, int(max_len), scaling, meta, *parked)
         return out, None
     current = _LAST["current"]
@@ -409,7 +419,7 @@ def _install_rope_replay(model) -> None:
         return
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if _RECOMPUTE["replay"] and not (cos.requires_grad or sin.requires_grad):
+        if _replay_head() == "attention" and not (cos.requires_grad or sin.requires_grad):
             return _RopeReplay.apply(q, k, cos, sin, unsqueeze_dim)
         return modeling._fastpath_rope(q, k, cos, sin, unsqueeze_dim)
 
@@ -477,8 +487,9 @@ def _add_varlen_kwargs(module, args, kwargs):
 class _Parked:
     """One layer's saved tensors in host memory (its input first), and their copies back.
 
-    Besides the input, a layer's attention can park its inputs, output and log-sum-exp
-    (``add_replay``): the recompute then replays the attention instead of running it.
+    Besides the input, a layer's attention can park its inputs, output and log-sum-exp,
+    and its MLP norm its input (``add_replay``): the recompute then replays the attention
+    and the residual sum instead of computing them.
     """
 
     def __init__(self, x: torch.Tensor, prev: _Parked | None) -> None:
@@ -551,6 +562,45 @@ _LAST: dict[str, Any] = {"parked": None, "current": None}
 _RECOMPUTE: dict[str, Any] = {"on": False, "replay": None}
 
 
+def _replay_head() -> str | None:
+    """What a recompute replays next from its layer's parked tensors, in the forward's
+    order: ``"attention"``, ``"residual"``, or None (nothing, or not a recompute)."""
+    replay = _RECOMPUTE["replay"]
+    if not replay:
+        return None
+    return "residual" if replay[0][1][0] == "residual" else "attention"
+
+
+class _ResidualReplay(torch.autograd.Function):
+    """The residual stream after a recomputed layer's attention, as its forward parked it.
+
+    The recompute skips the output projection's GEMM, so the sum it feeds holds no real
+    value; the MLP's norm reads the parked one instead, and the sum's gradient is the
+    norm input's gradient, unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, x, parked):  # type: ignore[override]
+        return parked.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None
+
+
+def _replay_residual(norm: torch.nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of a layer's MLP norm (``_fastpath_replay`` on): in an offloaded
+    checkpoint's forward, park its input (the residual stream after the attention); in
+    the recompute, hand the norm that parked value in place of the recomputed sum."""
+    if _replay_head() == "residual":
+        (parked,), _ = _RECOMPUTE["replay"].popleft()
+        return (_ResidualReplay.apply(args[0], parked), *args[1:])
+    current = _LAST["current"]
+    if current is not None and norm._fastpath_replay and not torch.is_grad_enabled():
+        current.add_replay((args[0],), ("residual",))
+    return None
+
+
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     if device not in _STREAMS:
         _STREAMS[device] = torch.cuda.Stream(device)
@@ -594,7 +644,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             finally:
                 _RECOMPUTE["on"], _RECOMPUTE["replay"] = False, None
             if replays:
-                raise RuntimeError("a parked attention call was not replayed")
+                raise RuntimeError(f"a parked {replays[0][1][0]} was not replayed")
         torch.autograd.backward(out, grad)
         return None, x.grad
 
@@ -659,6 +709,12 @@ def prepare_model(model, cfg: FastPathConfig | None = None):
             if type(layer).__name__ in _REPLAY_LAYERS and hasattr(layer, "self_attn"):
                 layer.self_attn._fastpath_replay = True
         _install_rope_replay(model)
+    if cfg.replay_residual:
+        for layer in model.modules():
+            norm = getattr(layer, "post_attention_layernorm", None)
+            if type(layer).__name__ in _RESIDUAL_MLP_LAYERS and norm is not None:
+                norm._fastpath_replay = True
+                norm.register_forward_pre_hook(_replay_residual)
     model.config.use_cache = False
     return model
 
@@ -688,7 +744,12 @@ def fuse_lora(peft_model, cfg: FastPathConfig | None = None):
             for name in ("q_proj", "k_proj", "v_proj"):
                 proj = getattr(attn, name, None)
                 if isinstance(proj, LoraLayer):
-                    setattr(proj, "_fastpath_replayed", True)  # noqa: B010
+                    setattr(proj, "_fastpath_replayed", "attention")  # noqa: B010
+        norm = getattr(module, "post_attention_layernorm", None)
+        o_proj = getattr(attn, "o_proj", None)
+        if hasattr(norm, "_fastpath_replay") and isinstance(o_proj, LoraLayer):
+            # The MLP's norm reads the parked residual: the recomputed o_proj goes unused.
+            setattr(o_proj, "_fastpath_replayed", "residual")  # noqa: B010
     return peft_model
 
 
@@ -721,9 +782,10 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if getattr(self, "_fastpath_autograd", True) and _plain_weight(base) is not None:
         drop = self.lora_dropout[name]
         p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+        replayed = getattr(self, "_fastpath_replayed", None)  # "attention" or "residual"
         skip = _RECOMPUTE["on"] and (
             getattr(self, "_fastpath_output_unused", False)
-            or (bool(_RECOMPUTE["replay"]) and getattr(self, "_fastpath_replayed", False))
+            or (replayed is not None and replayed == _replay_head())
         )
         scaling = self.scaling[name]
         first = getattr(self, "_fastpath_lora_first", (False, False))
