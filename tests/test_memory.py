@@ -29,11 +29,11 @@ def llama_8b_dir(tmp_path):
 
 
 def test_estimates_track_the_peaks_measured_on_the_h200():
-    # bench/README.md, run 12: r=64, batch 4 x 2048, all seven projections.
+    # bench/README.md, runs 12 and 24: r=64, batch 4 x 2048, all seven projections.
     shape = ModelShape.from_config(LLAMA_8B)
     fast = estimate_bytes(shape, JobConfig()) / GIB
     reference = estimate_bytes(shape, JobConfig(), fast_path=False) / GIB
-    assert 7.20 <= fast <= 7.20 * 1.03  # never under the measured peak
+    assert 7.26 <= fast <= 7.26 * 1.03  # never under the measured peak
     assert reference == pytest.approx(15.78, rel=0.05)
 
 

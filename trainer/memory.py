@@ -7,8 +7,9 @@ memory actually free before it loads the model.
 
 The estimate is arithmetic on the base model's ``config.json`` (no weights are read),
 calibrated on an H200 against measured peaks at Llama 3.1 8B shape, r=64, batch 4 x
-2048 tokens (bench/README.md, run 12): the fast path 7.20 GiB measured, 7.27 estimated;
-the reference recipe 15.78 / 15.94 GiB measured (full rows / the mix), 15.64 estimated.
+2048 tokens (bench/README.md, runs 12 and 24): the fast path 7.26 GiB measured, 7.33
+estimated; the reference recipe 15.78 / 15.94 GiB measured (full rows / the mix), 15.64
+estimated.
 """
 
 from __future__ import annotations
@@ -108,9 +109,10 @@ def estimate_bytes(shape: ModelShape, cfg: JobConfig, *, fast_path: bool = True)
     working = tokens * (3 * shape.intermediate + (5 if fast_path else 10) * shape.hidden)
     working *= act_bytes
     if fast_path:
-        # Attention replay: one layer's attention inputs and output come back from the
-        # host for its recompute (q and o hidden-wide, k and v kv-wide).
-        working += tokens * (2 * shape.hidden + 2 * shape.kv_heads * shape.head_dim) * act_bytes
+        # Attention and residual replay: one layer's attention inputs and output and its
+        # residual after the attention come back from the host for its recompute (q, o
+        # and the residual hidden-wide, k and v kv-wide).
+        working += tokens * (3 * shape.hidden + 2 * shape.kv_heads * shape.head_dim) * act_bytes
     return int(
         linear * NF4_BYTES_PER_PARAM
         + tables
