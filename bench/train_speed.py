@@ -119,15 +119,23 @@ def build(model_dir: Path, out: Path) -> None:
 # ------------------------------------------------------------------ data
 
 
+MIX_EXAMPLES = 1200
+
+
+def example_lengths(workload: str, n: int, rng):
+    import numpy as np
+
+    if workload == "full":
+        return np.full(n, SEQ)
+    return np.clip(rng.lognormal(np.log(300), 0.9, n), 16, SEQ).astype(int)
+
+
 def make_dataset(workload: str, n: int, seed: int = 0):
     import numpy as np
     from datasets import Dataset
 
     rng = np.random.default_rng(seed)
-    if workload == "full":
-        lengths = np.full(n, SEQ)
-    else:
-        lengths = np.clip(rng.lognormal(np.log(300), 0.9, n), 16, SEQ).astype(int)
+    lengths = example_lengths(workload, n, rng)
     rows = [rng.integers(4, 128000, int(k)).tolist() for k in lengths]
     return Dataset.from_dict({"input_ids": rows})
 
@@ -277,6 +285,8 @@ class Meter:
             "step_s_median": round(steps[len(steps) // 2], 3),
             # Each measured step, in order: the spread says how far one run's figure moves.
             "step_s": [round(ends[i + 1] - ends[i], 3) for i in range(w, w + m)],
+            # and its real tokens: unpacked recipes' steps hold what their examples hold.
+            "step_tokens": toks[w : w + m],
             "first_step_s": round(ends[1] - ends[0], 2),
         }
 
@@ -550,6 +560,14 @@ def estimate_gib(model_dir: Path, recipe: str) -> float | None:
     return round(estimate_bytes(shape, JobConfig(), fast_path=recipe == "fast") / GIB, 2)
 
 
+def warmup_steps(args, workload: str) -> int:
+    """Optimizer steps before the measured ones; more on the mix (run 27). There Unsloth
+    recompiles in its first steps (step 3 took 7.4 s), and steps 4-11 hold shorter
+    examples than the dataset: 6,292 real tokens a step against its 6,652 mean, and
+    Unsloth's steps take about 2 s whatever they hold. Steps 13-20 hold 6,833."""
+    return args.warmup_mix if workload == "mix" else args.warmup
+
+
 def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None:
     import gc
 
@@ -562,8 +580,12 @@ def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None
     loader = {"reference": load_reference, "unsloth": load_unsloth, "fast": load_fast}[recipe]
     model, tok = loader(args.model_dir)
     log(f"[{recipe}] loaded in {time.time() - t0:.0f}s")
-    steps = args.warmup + args.measure + 1  # +1: a spare step (profiled for the fast path)
-    data = {"full": make_dataset("full", steps * ACCUM * BATCH), "mix": make_dataset("mix", 1200)}
+    # +1: a spare step (profiled for the fast path)
+    steps = {w: warmup_steps(args, w) + args.measure + 1 for w in ("full", "mix")}
+    data = {
+        "full": make_dataset("full", steps["full"] * ACCUM * BATCH),
+        "mix": make_dataset("mix", MIX_EXAMPLES),
+    }
     for spec in variants:
         # "fast-nofuse:full" runs that variant on the full workload only
         variant, _, only = spec.partition(":")
@@ -579,8 +601,9 @@ def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None
                 prof = args.out / f"profile_{variant}_{workload}.txt"
             if args.host_profile and variant in ("fast", "unsloth"):
                 prof = args.out / f"python_{variant}_{workload}.txt"
-            meter = Meter(model, args.warmup, args.measure, prof, host=args.host_profile)
-            config = sft_args(str(args.scratch / f"{variant}-{workload}"), steps, **extra)
+            warmup = warmup_steps(args, workload)
+            meter = Meter(model, warmup, args.measure, prof, host=args.host_profile)
+            config = sft_args(str(args.scratch / f"{variant}-{workload}"), steps[workload], **extra)
             trainer = SFTTrainer(
                 model=model,
                 processing_class=tok,
@@ -659,8 +682,17 @@ def summarise(results: list[dict], out: Path) -> str:
         uns = next((r for r in sel if r["variant"] == "unsloth" and not r["error"]), None)
         lines.append(
             f"\n{workload}: real tokens/s | share of peak | peak alloc / reserved GiB | "
-            "vs reference | vs Unsloth | median step s | loss | budget estimate GiB"
+            "vs reference | vs Unsloth | median step s | real tokens a step | loss | "
+            "budget estimate GiB"
         )
+        if workload == "mix":
+            import numpy as np
+
+            mean = example_lengths("mix", MIX_EXAMPLES, np.random.default_rng(0)).mean()
+            lines.append(
+                f"  (the dataset: {mean * ACCUM * BATCH:,.0f} real tokens a step of "
+                f"{ACCUM * BATCH} examples on average, what an unpacked recipe's step holds)"
+            )
         for r in sel:
             if r["error"]:
                 lines.append(f"  {r['variant']:<24} ERROR {r['error'][:160]}")
@@ -672,7 +704,8 @@ def summarise(results: list[dict], out: Path) -> str:
             lines.append(
                 f"  {r['variant']:<24} {tps:>9,.0f} | {share:6.1%} | "
                 f"{r['peak_alloc_gib']:5.2f} / {r['peak_reserved_gib']:5.2f} | {vs_ref} | {vs_uns}"
-                f" | {r['step_s_median']} | {r.get('train_loss')} | {r.get('estimate_gib')}"
+                f" | {r['step_s_median']} | {r['tokens_measured'] / r['measured_steps']:,.0f}"
+                f" | {r.get('train_loss')} | {r.get('estimate_gib')}"
             )
     text = "\n".join(lines)
     (out / "summary.txt").write_text(text + "\n")
@@ -689,6 +722,7 @@ def main(argv: list[str] | None = None) -> None:
     # 3, not 1: Unsloth's first mix steps after one warm-up step still ran slow (3.0 and
     # 3.3 s against 1.9-2.5 s in run 16), which flattered the ratio.
     p.add_argument("--warmup", type=int, default=3, help="optimizer steps (x4 micro-steps)")
+    p.add_argument("--warmup-mix", type=int, default=12, help="the same, on the mix")
     p.add_argument("--measure", type=int, default=4, help="optimizer steps (x4 micro-steps)")
     p.add_argument("--profile", action="store_true", help="profile a step (fast, Unsloth)")
     p.add_argument(
@@ -716,7 +750,8 @@ def main(argv: list[str] | None = None) -> None:
     results: list[dict] = []
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--out", str(args.out), "--model-dir", str(args.model_dir)]
-    common += ["--warmup", str(args.warmup), "--measure", str(args.measure)]
+    common += ["--warmup", str(args.warmup), "--warmup-mix", str(args.warmup_mix)]
+    common += ["--measure", str(args.measure)]
     common += ["--workloads", args.workloads] + (["--profile"] if args.profile else [])
     common += ["--host-profile"] if args.host_profile else []
     with open(args.out / "log.txt", "a") as logf:
