@@ -561,9 +561,9 @@ def estimate_gib(model_dir: Path, recipe: str) -> float | None:
 
 
 def warmup_steps(args, workload: str) -> int:
-    """Optimizer steps before the measured ones; more on the mix (run 27). There Unsloth
-    recompiles in its first steps (step 3 took 7.4 s), and steps 4-11 hold shorter
-    examples than the dataset: 6,292 real tokens a step against its 6,652 mean, and
+    """Optimizer steps before the measured ones; more on the mix (run 27). There Unsloth's
+    first steps run slow (steps 1 and 3: 11.3 and 7.4 s), and steps 4-11 hold shorter
+    examples than the dataset: 6,292 real tokens a step against its 6,653 mean, while
     Unsloth's steps take about 2 s whatever they hold. Steps 13-20 hold 6,833."""
     return args.warmup_mix if workload == "mix" else args.warmup
 
