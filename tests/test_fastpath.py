@@ -49,7 +49,15 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-def _load(path, *, fast: bool, offload: bool = True, device: str = "cpu", rank: int = RANK):
+def _load(
+    path,
+    *,
+    fast: bool,
+    offload: bool = True,
+    device: str = "cpu",
+    rank: int = RANK,
+    targets=ALL_PROJECTIONS,
+):
     """The recipe's loading path: NF4, double quantisation, bf16 compute; then LoRA."""
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -69,7 +77,7 @@ def _load(path, *, fast: bool, offload: bool = True, device: str = "cpu", rank: 
         r=rank,
         lora_alpha=2 * rank,
         lora_dropout=0.0,
-        target_modules=list(ALL_PROJECTIONS),
+        target_modules=list(targets),
         task_type="CAUSAL_LM",
         init_lora_weights=False,  # random B as well, so the LoRA term is not zero
     )
@@ -577,6 +585,27 @@ def test_gpu_nf4_kernel_dequantises_as_bitsandbytes(nested, monkeypatch):
     monkeypatch.setattr(kernels, "dequantize_nf4", lambda *a: calls.append(a) or real(*a))
     want = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).bfloat16()
     assert torch.equal(fastpath._base_weight(layer, torch.bfloat16), want) and len(calls) == 1
+
+
+def test_residual_is_parked_only_where_o_proj_has_lora(tiny_model_dir, monkeypatch):
+    """Without LoRA on o_proj the recompute runs it whole, so its norm parks nothing
+    (the bus carries only what saves work); the step still trains."""
+    targets = [t for t in ALL_PROJECTIONS if t != "o_proj"]
+    model = _load(tiny_model_dir, fast=True, targets=targets).train()
+    norms = [m for n, m in model.named_modules() if n.endswith("post_attention_layernorm")]
+    attns = [m for n, m in model.named_modules() if n.endswith("self_attn")]
+    assert len(norms) == 2 and not any(m._fastpath_replay for m in norms)
+    assert not any(hasattr(a.o_proj, "_fastpath_replayed") for a in attns)
+    parked, real = [], fastpath._Parked.add_replay
+    monkeypatch.setattr(
+        fastpath._Parked,
+        "add_replay",
+        lambda p, t, meta: parked.append(meta[0]) or real(p, t, meta),
+    )
+    ids, pos, labels = _pack(_examples([9, 14, 5], seed=6))
+    model(input_ids=ids, position_ids=pos, labels=labels).loss.backward()
+    assert parked == ["sdpa", "sdpa"]  # each layer's attention, no residual
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 
 @pytest.mark.gpu

@@ -713,8 +713,9 @@ def prepare_model(model, cfg: FastPathConfig | None = None):
         for layer in model.modules():
             norm = getattr(layer, "post_attention_layernorm", None)
             if type(layer).__name__ in _RESIDUAL_MLP_LAYERS and norm is not None:
+                if not hasattr(norm, "_fastpath_replay"):  # one hook, if prepared twice
+                    norm.register_forward_pre_hook(_replay_residual)
                 norm._fastpath_replay = True
-                norm.register_forward_pre_hook(_replay_residual)
     model.config.use_cache = False
     return model
 
@@ -745,11 +746,14 @@ def fuse_lora(peft_model, cfg: FastPathConfig | None = None):
                 proj = getattr(attn, name, None)
                 if isinstance(proj, LoraLayer):
                     setattr(proj, "_fastpath_replayed", "attention")  # noqa: B010
-        norm = getattr(module, "post_attention_layernorm", None)
+        norm: Any = getattr(module, "post_attention_layernorm", None)
         o_proj = getattr(attn, "o_proj", None)
-        if hasattr(norm, "_fastpath_replay") and isinstance(o_proj, LoraLayer):
+        if getattr(norm, "_fastpath_replay", False):
             # The MLP's norm reads the parked residual: the recomputed o_proj goes unused.
-            setattr(o_proj, "_fastpath_replayed", "residual")  # noqa: B010
+            # Without LoRA on o_proj it runs whole (no skip), so nothing is parked either.
+            norm._fastpath_replay = isinstance(o_proj, LoraLayer)
+            if norm._fastpath_replay:
+                setattr(o_proj, "_fastpath_replayed", "residual")  # noqa: B010
     return peft_model
 
 
