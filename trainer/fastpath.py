@@ -562,13 +562,16 @@ _LAST: dict[str, Any] = {"parked": None, "current": None}
 _RECOMPUTE: dict[str, Any] = {"on": False, "replay": None}
 
 
+def _replay_kind(entry: tuple) -> str:
+    """``"attention"`` or ``"residual"``: what a parked entry (tensors, meta) replays."""
+    return "residual" if entry[1][0] == "residual" else "attention"
+
+
 def _replay_head() -> str | None:
     """What a recompute replays next from its layer's parked tensors, in the forward's
     order: ``"attention"``, ``"residual"``, or None (nothing, or not a recompute)."""
     replay = _RECOMPUTE["replay"]
-    if not replay:
-        return None
-    return "residual" if replay[0][1][0] == "residual" else "attention"
+    return _replay_kind(replay[0]) if replay else None
 
 
 class _ResidualReplay(torch.autograd.Function):
@@ -644,7 +647,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             finally:
                 _RECOMPUTE["on"], _RECOMPUTE["replay"] = False, None
             if replays:
-                raise RuntimeError(f"a parked {replays[0][1][0]} was not replayed")
+                raise RuntimeError(f"a parked {_replay_kind(replays[0])} was not replayed")
         torch.autograd.backward(out, grad)
         return None, x.grad
 
