@@ -5,6 +5,8 @@ too much to carry together. Most of it is dead weight there: bitsandbytes ships 
 library per CUDA version (the H200 image is CUDA 13.0) and the Unsloth wheel carries its
 web "studio". This copies the wheels into ``.whlbench/`` and ``.whlbench/unsloth/`` (git-ignored)
 without those, keeping each wheel's RECORD consistent; bench/README.md shows the call.
+It adds grpcio and protobuf at the project's pins: the gRPC stubs the GPU tests import
+refuse an older grpcio, and the image's grpcio has been 1.84 on some machines.
 
     python3 bench/slim_wheels.py && du -sh .whlbench
 """
@@ -13,10 +15,13 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The runtime the generated stubs (``finetune/``) check for; constraints/cpu.txt pins the same.
+STUB_RUNTIME = ["grpcio==1.85.1", "protobuf==7.36.2"]
 DROP = [
     re.compile(r"^bitsandbytes/libbitsandbytes_cuda1(1|2)\d\.so$"),  # keep cuda13x and cpu
     re.compile(r"^studio/"),  # Unsloth's web UI
@@ -54,6 +59,27 @@ def main() -> None:
     for src, dest in ((".whl", out), (".whl2", out / "unsloth")):
         for w in sorted((ROOT / src).glob("*.whl")):
             slim(w, dest / w.name)
+    platforms = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+            *(arg for p in platforms for arg in ("--platform", p)),
+            "-d",
+            str(out),
+            *STUB_RUNTIME,
+        ],
+        check=True,
+    )
     total = sum(p.stat().st_size for p in out.rglob("*.whl"))
     print(f"{total / 2**20:.1f} MiB of wheels in {out} and {out / 'unsloth'}")
 
