@@ -20,8 +20,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The runtime the generated stubs (``finetune/``) check for; constraints/cpu.txt pins the same.
-STUB_RUNTIME = ["grpcio==1.85.1", "protobuf==7.36.2"]
+# The runtime the generated stubs (``finetune/``) check for, at the project's pins.
+STUB_RUNTIME = ("grpcio", "protobuf")
 DROP = [
     re.compile(r"^bitsandbytes/libbitsandbytes_cuda1(1|2)\d\.so$"),  # keep cuda13x and cpu
     re.compile(r"^studio/"),  # Unsloth's web UI
@@ -59,6 +59,8 @@ def main() -> None:
     for src, dest in ((".whl", out), (".whl2", out / "unsloth")):
         for w in sorted((ROOT / src).glob("*.whl")):
             slim(w, dest / w.name)
+    pins = (ROOT / "constraints" / "cpu.txt").read_text().splitlines()
+    runtime = [line for line in pins if line.split("==")[0] in STUB_RUNTIME]
     platforms = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
     subprocess.run(
         [
@@ -76,7 +78,7 @@ def main() -> None:
             *(arg for p in platforms for arg in ("--platform", p)),
             "-d",
             str(out),
-            *STUB_RUNTIME,
+            *runtime,
         ],
         check=True,
     )
