@@ -21,7 +21,7 @@ from pathlib import Path
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, lora_cpu_fix, orphans
+from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, amx, lora_cpu_fix, orphans
 from server.adapters import find
 from trainer.layout import Layout
 
@@ -61,6 +61,12 @@ class FinetuneResolver(LoRAResolver):
         return request
 
 
+def _cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 def register() -> None:
     """Entry point: register the resolver when this process serves our data directory.
 
@@ -70,6 +76,9 @@ def register() -> None:
     data_dir = os.environ.get(ENV_DATA_DIR)
     if not data_dir:
         return
+    if _cpu_platform():
+        # Before any batch runs: vLLM-CPU's AMX kernels need the tile state granted.
+        amx.enable()
     # Before any batch runs: base-model rows must not borrow another tenant's adapter.
     lora_cpu_fix.install()
     # A SIGKILLed API server must not leave its engine processes running.
