@@ -2,7 +2,9 @@
 
     python bench/serving.py [--requests 400] [--out bench/results/serving-cpu.json]
 
-1. Middleware cost: the same vLLM started without and then with our tenant middleware;
+1. Middleware cost: the product's vLLM command started without ``--middleware`` (the
+   launcher's command and environment otherwise, our plugin included, so the baseline
+   runs wherever the product does: see ``server/amx.py``) and then as ``python -m server``;
    sequential ``GET /v1/models`` and 1-token completions, p50/p99 of each and the
    difference (the target: under 1 ms at p50).
 2. Publish to first token: the trainer (with ``--vllm-url``) trains 8 adapters one after
@@ -43,17 +45,25 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _vllm_cmd(model: Path, data: Path, port: int, middleware: bool) -> list[str]:
-    if middleware:  # our launcher: resolver, middleware, runtime LoRA updating
+def _vllm_cmd(
+    model: Path, data: Path, port: int, middleware: bool
+) -> tuple[list[str], dict[str, str]]:
+    """The product's vLLM command and environment; without ``middleware``, the same minus
+    ``--middleware`` (so the baseline runs wherever the product runs: the same plugin, the
+    same engine flags)."""
+    from server.launcher import MIDDLEWARE, ServerConfig, build_command, build_env
+
+    cfg = ServerConfig(model=str(model), data_dir=data, served_model_name=BASE, port=port,
+                       max_loras=8, extra=list(VLLM_ARGS))  # fmt: skip
+    env = build_env(cfg, _env())
+    if middleware:  # our launcher, as users start it: it execs build_command(cfg)
         cmd = [sys.executable, "-m", "server", "--model", str(model), "--served-model-name", BASE]
         cmd += ["--data-dir", str(data), "--port", str(port), "--max-loras", "8"]
-        return [*cmd, "--", *VLLM_ARGS]
-    # vLLM as it comes, the same engine flags, no middleware.
-    return [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--served-model-name", BASE, "--port", str(port), "--enable-lora",
-        "--max-loras", "8", "--max-lora-rank", "64", *VLLM_ARGS,
-    ]  # fmt: skip
+        return [*cmd, "--", *VLLM_ARGS], env
+    cmd = build_command(cfg)
+    i = cmd.index("--middleware")
+    assert cmd[i + 1] == MIDDLEWARE
+    return cmd[:i] + cmd[i + 2 :], env
 
 
 def _latencies(url: str, key: str, n: int) -> dict[str, list[float]]:
@@ -80,7 +90,8 @@ def middleware_cost(model: Path, data: Path, key: str, n: int) -> dict:
     for middleware in (False, True):
         port = free_port()
         log = data / f"vllm-bench-{int(middleware)}.log"
-        with process(_vllm_cmd(model, data, port, middleware), log, _env()) as proc:
+        cmd, env = _vllm_cmd(model, data, port, middleware)
+        with process(cmd, log, env) as proc:
             import httpx
 
             url = f"http://127.0.0.1:{port}"
@@ -149,10 +160,10 @@ def publish_and_serve(model: Path, data: Path, key: str, admin: str) -> dict:
         for i in range(64)
     )  # fmt: skip
     (data / "bench.jsonl").write_text(rows)
-    env = _env()
+    vllm_cmd, vllm_env = _vllm_cmd(model, data, port, True)
     with (
-        process(_vllm_cmd(model, data, port, True), data / "vllm-serve.log", env) as vllm,
-        process(trainer, data / "trainer.log", env) as _,
+        process(vllm_cmd, data / "vllm-serve.log", vllm_env) as vllm,
+        process(trainer, data / "trainer.log", _env()) as _,
     ):
         wait_ready("vLLM", lambda: httpx.get(url + "/health").status_code == 200, vllm,
               data / "vllm-serve.log", 600)  # fmt: skip
