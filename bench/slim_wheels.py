@@ -5,10 +5,12 @@ too much to carry together. Most of it is dead weight there: bitsandbytes ships 
 library per CUDA version (the H200 image is CUDA 13.0) and the Unsloth wheel carries its
 web "studio". This copies the wheels into ``.whlbench/`` and ``.whlbench/unsloth/`` (git-ignored)
 without those, keeping each wheel's RECORD consistent; bench/README.md shows the call.
-It adds grpcio and protobuf at the project's pins: the gRPC stubs the GPU tests import
-refuse an older grpcio, and the image's grpcio has been 1.84 on some machines.
+It adds grpcio and protobuf at the project's pins (the gRPC stubs the GPU tests import
+refuse an older grpcio, and the image's grpcio has been 1.84 on some machines), and the
+health and reflection services ``python -m trainer serve`` needs, which the image lacks.
+``--no-unsloth`` leaves Unsloth out (the serving bench and tests do not use it): 12 MiB.
 
-    python3 bench/slim_wheels.py && du -sh .whlbench
+    python3 bench/slim_wheels.py [--no-unsloth] && du -sh .whlbench
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The runtime the generated stubs (``finetune/``) check for, at the project's pins.
-STUB_RUNTIME = ("grpcio", "protobuf")
+STUB_RUNTIME = ("grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection")
 DROP = [
     re.compile(r"^bitsandbytes/libbitsandbytes_cuda1(1|2)\d\.so$"),  # keep cuda13x and cpu
     re.compile(r"^studio/"),  # Unsloth's web UI
@@ -52,11 +54,16 @@ def main() -> None:
     if "/.whlbench/" not in (exclude.read_text().splitlines() if exclude.exists() else []):
         with open(exclude, "a") as f:
             f.write("/.whlbench/\n")
-    if not list((ROOT / ".whl2").glob("*.whl")):
-        subprocess.run(["bash", str(ROOT.parent / "shared/gpu/fetch-wheels.sh")], check=True)
+    unsloth = "--no-unsloth" not in sys.argv[1:]
+    if not list((ROOT / (".whl2" if unsloth else ".whl")).glob("*.whl")):
+        fetch = ["bash", str(ROOT.parent / "shared/gpu/fetch-wheels.sh")]
+        subprocess.run(fetch + ([] if unsloth else ["--no-unsloth"]), check=True)
     # Unsloth's set goes into its own folder: only its benchmark subprocess sees it.
-    (out / "unsloth").mkdir(exist_ok=True)
-    for src, dest in ((".whl", out), (".whl2", out / "unsloth")):
+    sets = [(".whl", out)]
+    if unsloth:
+        (out / "unsloth").mkdir(exist_ok=True)
+        sets.append((".whl2", out / "unsloth"))
+    for src, dest in sets:
         for w in sorted((ROOT / src).glob("*.whl")):
             slim(w, dest / w.name)
     pins = (ROOT / "constraints" / "cpu.txt").read_text().splitlines()
