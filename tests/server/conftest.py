@@ -25,6 +25,16 @@ from trainer.tenants import TenantRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE_NAME = "tiny"
+# vLLM's engine flags for the tiny model on this CPU; the GPU tests pass their own.
+CPU_ENGINE_ARGS = [
+    "--dtype",
+    "bfloat16",
+    "--max-model-len",
+    "512",
+    "--enforce-eager",
+    "--max-num-seqs",
+    "8",
+]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -97,6 +107,7 @@ class VllmServer:
     model: Path
     data_dir: Path
     extra_args: list[str] = field(default_factory=list)
+    engine_args: list[str] = field(default_factory=lambda: list(CPU_ENGINE_ARGS))
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
@@ -123,13 +134,7 @@ class VllmServer:
             "--max-lora-rank",
             "64",
             "--",
-            "--dtype",
-            "bfloat16",
-            "--max-model-len",
-            "512",
-            "--enforce-eager",
-            "--max-num-seqs",
-            "8",
+            *self.engine_args,
             *self.extra_args,
         ]
 
