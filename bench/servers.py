@@ -51,6 +51,9 @@ class Server:
             )
         return self
 
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
     def logged(self, text: str) -> bool:
         return text in self.log_path.read_text(errors="replace")
 
