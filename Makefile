@@ -9,7 +9,7 @@ GRPC_TOOLS := grpcio-tools==1.85.1
 # The CPU set CI installs, pinned (pyproject.toml holds ranges); `make constraints` rewrites it.
 CPU_CONSTRAINTS := constraints/cpu.txt
 
-.PHONY: install constraints proto test test-fast test-containers build-gpu lint clean
+.PHONY: install constraints proto test test-fast test-containers build-gpu constraints-gpu lint clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -34,23 +34,28 @@ proto:
 	touch finetune/__init__.py finetune/v1/__init__.py
 
 test:
-	$(PY) -m pytest -m "not gpu and not containers"
+	$(PY) -m pytest -m "not gpu and not containers and not gpu_images"
 
 test-fast:
-	$(PY) -m pytest -m "not gpu and not slow and not vllm and not containers"
+	$(PY) -m pytest -m "not gpu and not slow and not vllm and not containers and not gpu_images"
 
 # The CPU images built from this checkout and run with docker-compose.cpu.yml, end to end
 # (tests/containers/): needs a Docker engine with Compose v2 (`docker info` answers).
 # FINETUNE_COMPOSE_OVERLAY: extra compose files over the CPU one (a mirror, a stand-in base).
 test-containers:
-	FINETUNE_REQUIRE_DOCKER=1 $(PY) -m pytest -m containers -p no:cacheprovider tests/containers
+	FINETUNE_REQUIRE_DOCKER=1 $(PY) -m pytest -m "containers and not gpu_images" \
+		-p no:cacheprovider tests/containers
 
-# The GPU images, built and not run (no GPU needed): whenever the Dockerfile changes.
-# FINETUNE_COMPOSE_OVERLAY as above; FLASHINFER_INDEX= (empty) builds without FlashInfer's
-# kernels where its index is out of reach.
+# The GPU images, built and not run (no GPU needed; CI builds them every time), then
+# checked to hold exactly constraints/gpu.txt. FINETUNE_COMPOSE_OVERLAY as above.
 build-gpu:
 	docker compose -f docker-compose.yml $(foreach f,$(subst :, ,$(FINETUNE_COMPOSE_OVERLAY)),-f $(f)) \
 		--progress plain build
+	FINETUNE_REQUIRE_DOCKER=1 $(PY) -m pytest -m gpu_images -p no:cacheprovider tests/containers
+
+# Re-resolves constraints/gpu.txt after constraints/cpu.txt or the gpu extra changed.
+constraints-gpu:
+	$(PY) constraints/gpu.py
 
 lint:
 	$(VENV)/bin/ruff check .

