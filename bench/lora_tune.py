@@ -11,9 +11,10 @@ Llama 3.1 8B shapes at rank 64 (q/k/v, o, gate/up and down, as vLLM stacks them)
 candidate config of ``lora_shrink`` and ``lora_expand`` in a CUDA graph
 (``triton.testing.do_bench_cudagraph``) with ``--tokens`` tokens spread over ``--active``
 adapters in a batch of ``--max-loras`` slots, beside vLLM's default, and writes the best
-as vLLM's config files: the decode size tuned, the prefill sizes at vLLM's defaults.
-Candidates are compiled first in parallel processes (Triton's disk cache), then timed in
-one.
+as vLLM's config files (layout: ``server/lora_configs.py``, which carries the H200's):
+the decode size tuned, the prefill sizes at vLLM's defaults. Candidates are compiled first
+in parallel processes (Triton's disk cache), then timed in one. o and down expand alike
+(64 -> 4096): one config serves both, timed once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from server.lora_configs import default_config, vllm_files
+
 HIDDEN, INTER, Q, KV, RANK = 4096, 14336, 4096, 1024, 64
 # (layer, input K, output widths of the stacked slices), as vLLM's LoRA layers stack them.
 SHAPES = [
@@ -36,32 +39,6 @@ SHAPES = [
     ("gate_up", HIDDEN, (INTER, INTER)),
     ("down", INTER, (HIDDEN,)),
 ]
-PREFILL_TOKENS = (512, 2048, 8192)  # left at vLLM's defaults
-
-
-def default_config(op: str, tokens: int, slices: int) -> dict[str, Any]:
-    """vLLM 0.26's ``get_lora_op_configs`` defaults (vllm/lora/ops/triton_ops/utils.py)."""
-    if op == "shrink":
-        return {
-            "block_m": 32,
-            "block_n": 16,
-            "block_k": 256 if tokens < 128 else 32,
-            "split_k": 64 if tokens < 128 else 8,
-            "num_warps": 4,
-            "num_ctas": 1,
-            "group_size_m": 8,
-            "num_stages": 2,
-            "max_nreg": None,
-        }
-    return {
-        "block_m": 64,
-        "block_n": 64 if slices > 1 else 128,
-        "block_k": 32,
-        "num_warps": 4,
-        "num_ctas": 1,
-        "num_stages": 2,
-        "max_nreg": None,
-    }
 
 
 def candidates(op: str, k: int) -> list[dict[str, Any]]:
@@ -178,12 +155,13 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     gpu = torch.cuda.get_device_name().replace(" ", "_").replace("-", "_")
-    slots = str(args.max_loras + 1)  # vLLM keys by its lora_ids tensor: max LoRAs + 1
-    files: dict[str, dict] = {"shrink": {slots: {}}, "expand": {slots: {}}}
+    tuned: dict[str, dict] = {"shrink": {}, "expand": {}}
     report = []
     for op, shape in itertools.product(("shrink", "expand"), SHAPES):
         case = Case(op, shape, args.tokens, args.active, args.max_loras)
         slices, k, n = case.key()
+        if (slices, k, n) in tuned[op]:
+            continue  # the same kernel on the same shape as a layer already timed
         timed = []
         default = default_config(op, args.tokens, slices)
         for config in [default, *candidates(op, shape[1])]:
@@ -210,15 +188,10 @@ def main(argv: list[str] | None = None) -> None:
         }
         report.append(line)
         print(json.dumps(line), flush=True)
-        by_tokens = files[op][slots].setdefault(str(slices), {})
-        by_tokens.setdefault(str(args.tokens), {}).setdefault(str(k), {})[str(n)] = best
-        for tokens in PREFILL_TOKENS:
-            fallback = default_config(op, tokens, slices)
-            by_tokens.setdefault(str(tokens), {}).setdefault(str(k), {})[str(n)] = fallback
+        tuned[op][(slices, k, n)] = best
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{gpu}_SHRINK.json").write_text(json.dumps(files["shrink"], indent=1))
-    for add in ("TRUE", "FALSE"):
-        (args.out / f"{gpu}_EXPAND_{add}.json").write_text(json.dumps(files["expand"], indent=1))
+    for name, table in vllm_files(tuned, gpu).items():
+        (args.out / name).write_text(json.dumps(table, indent=1))
     total_default = sum(r["default_us"] for r in report)
     total_best = sum(r["best_us"] for r in report)
     print(

@@ -22,7 +22,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, ENV_TENANTS_FILE
+from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, ENV_TENANTS_FILE, lora_configs
 from trainer.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,8 @@ def build_env(cfg: ServerConfig, base: dict[str, str] | None = None) -> dict[str
             ENV_MODEL_PATH: cfg.model,
         }
     )
+    # LoRA kernel tiles tuned per GPU (server/lora_configs.py), unless the operator has own.
+    env.setdefault(lora_configs.ENV, str(lora_configs.folder()))
     # An allow-list of plugins must still admit ours.
     if env.get("VLLM_PLUGINS") and PLUGIN_NAME not in env["VLLM_PLUGINS"].split(","):
         env["VLLM_PLUGINS"] += "," + PLUGIN_NAME
@@ -255,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     if not cfg.data_dir.is_dir():
         raise SystemExit(f"--data-dir {cfg.data_dir} is not a directory")
     cmd, env = build_command(cfg), build_env(cfg)
+    if env[lora_configs.ENV] == str(lora_configs.folder()):
+        lora_configs.write()
     log.info("exec %s", " ".join(cmd))
     sys.stdout.flush()
     sys.stderr.flush()
