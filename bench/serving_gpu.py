@@ -13,7 +13,9 @@
    does not depend on the values).
 2. The product as the GPU compose file starts it (``python -m server ... --max-loras 8
    --max-cpu-loras 32 --max-lora-rank 64 -- --gpu-memory-utilization 0.55 --max-model-len
-   8192 --quantization ''``: resolver plugin, tenant middleware) and the trainer (``python
+   8192 --quantization ''``: the compose file's flags with this card's .env values for the
+   LoRA limits; resolver plugin, tenant middleware; since run 34 the launcher also passes
+   tuned LoRA kernel tiles, in run 33 it passed none) and the trainer (``python
    -m trainer serve --gpu-memory-budget 0.40 --vllm-url ...``) on the same card. Once the
    product has sized its KV cache, vLLM alone starts beside it: no plugin, no middleware,
    vLLM's defaults except the same LoRA limits and a fixed 16 GiB KV cache (so both fit,
@@ -32,10 +34,12 @@
 ``--phases prepare`` only builds the model and publishes the adapters (kept in ``--work``
 for a later call). ``--phases variants`` starts the product once per ``--variants`` entry,
 all at once, each with a fixed 4 GiB KV cache (the 24,576 tokens in flight need 3 GiB),
-and measures step 4 on each in turn. The entries, joined with ``+``: ``plain``; vLLM's
-LoRA options ``dual`` (VLLM_LORA_ENABLE_DUAL_STREAM), ``specialize``
-(--specialize-active-lora), ``tuned`` (the kernel configs of bench/lora_tune.py); ``nf4``
-(--quantization bitsandbytes); ``loras4``, ``loras32`` (--max-loras).
+and measures step 4 on each in turn. The entries, joined with ``+``: ``plain`` (vLLM's
+default LoRA kernel tiles); ``tuned`` (the launcher's tiles, server/lora_configs.py) or
+``retuned`` (those bench/lora_tune.py wrote into ``--work`` in this call); vLLM's LoRA
+options ``dual`` (VLLM_LORA_ENABLE_DUAL_STREAM) and ``specialize``
+(--specialize-active-lora); ``nf4`` (--quantization bitsandbytes); ``loras4``, ``loras32``
+(--max-loras). In runs 33-34 the launcher set no tiles: ``tuned`` there was ``retuned``.
 
 Results go to ``OUT/serving-gpu.json`` (rewritten after each step) and ``OUT/logs.tar.gz``.
 """
@@ -344,10 +348,12 @@ async def _first_token(url: str, key: str, model: str) -> float:
 
 
 VARIANTS: dict[str, tuple[dict[str, str], list[str], int | None]] = {
-    "plain": ({}, [], None),
+    # vLLM's default LoRA tiles: a folder without files for this GPU.
+    "plain": ({"VLLM_TUNED_CONFIG_FOLDER": "{work}/no-tiles"}, [], None),
     "dual": ({"VLLM_LORA_ENABLE_DUAL_STREAM": "1"}, [], None),
     "specialize": ({}, ["--specialize-active-lora"], None),
-    "tuned": ({"VLLM_TUNED_CONFIG_FOLDER": "{work}/lora-configs"}, [], None),
+    "tuned": ({}, [], None),  # the launcher's tiles (server/lora_configs.py)
+    "retuned": ({"VLLM_TUNED_CONFIG_FOLDER": "{work}/lora-configs"}, [], None),
     "nf4": ({}, ["--quantization", "bitsandbytes"], None),
     "loras4": ({}, [], 4),  # the compose file's default FINETUNE_MAX_LORAS
     "loras32": ({}, [], 32),
@@ -546,8 +552,8 @@ def variants_phase(run: Run, names: list[str]) -> None:
             env.update({k: v.format(work=run.work) for k, v in e.items()})
             flags += f
             max_loras = loras or max_loras
-        folder = env.get("VLLM_TUNED_CONFIG_FOLDER")
-        if folder and not Path(folder).is_dir():
+        folder = env.get("VLLM_TUNED_CONFIG_FOLDER", "")
+        if folder.endswith("/lora-configs") and not Path(folder).is_dir():
             log(f"skip {name}: no tuned configs in {folder} (bench/lora_tune.py writes them)")
             continue
         engine = [*s.variant_engine, *flags]
