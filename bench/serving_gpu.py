@@ -14,8 +14,8 @@
 2. The product as the GPU compose file starts it (``python -m server ... --max-loras 8
    --max-cpu-loras 32 --max-lora-rank 64 -- --gpu-memory-utilization 0.55 --max-model-len
    8192 --quantization ''``: the compose file's flags with this card's .env values for the
-   LoRA limits; resolver plugin, tenant middleware; since run 34 the launcher also passes
-   tuned LoRA kernel tiles, in run 33 it passed none) and the trainer (``python
+   LoRA limits; resolver plugin, tenant middleware; the launcher now also passes
+   tuned LoRA kernel tiles, added after run 34) and the trainer (``python
    -m trainer serve --gpu-memory-budget 0.40 --vllm-url ...``) on the same card. Once the
    product has sized its KV cache, vLLM alone starts beside it: no plugin, no middleware,
    vLLM's defaults except the same LoRA limits and a fixed 16 GiB KV cache (so both fit,
