@@ -106,7 +106,7 @@ def stage(name: str, path: Path, model: Path) -> dict:
     elif name == "scan":
         from trainer.examples import scan
 
-        n = scan(path).examples
+        n = scan(path, min_examples=1).examples
     else:
         from trainer.config import JobConfig
         from trainer.examples import examples, scan
@@ -114,7 +114,7 @@ def stage(name: str, path: Path, model: Path) -> dict:
 
         tok = load_tokenizer(model)
         t0 = time.perf_counter()  # the tokenizer load is not validation
-        fmt = scan(path).format
+        fmt = scan(path, min_examples=1).format
         rep = build(fmt, examples(path, fmt), tok, JobConfig(), ends=end_token_ids(tok, model))
         n = rep.examples
         assert rep.ok, rep.findings

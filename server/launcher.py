@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, ENV_TENANTS_FILE, lora_configs
+from trainer.config import VLLM_LORA_RANKS, ServiceConfig
 from trainer.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 MIDDLEWARE = "server.middleware.TenantMiddleware"
 PLUGIN_NAME = "finetune_lora_resolver"
-# vllm/config/lora.py: the only values --max-lora-rank accepts.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 # Flags this launcher sets; set again after ``--`` they would undo tenant isolation
 # (--api-key, a second --middleware, several API servers) or contradict the config.
@@ -111,10 +110,11 @@ class ServerConfig:
         },
     )
     max_lora_rank: int = field(
-        default=64,
+        # The trainer's default: the ranks it trains are the ranks served.
+        default=ServiceConfig.max_lora_rank,
         metadata={
             "help": f"Largest adapter rank served; one of {VLLM_LORA_RANKS}. Must admit the "
-            "trainer's ranks (r=64 by default).",
+            "ranks the trainer trains.",
             "env": "FINETUNE_MAX_LORA_RANK",
         },
     )

@@ -21,7 +21,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import trainer.__main__ as trainer_cli
 from constraints.gpu import GPU, GPU_OWN, norm, read_pins
 from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, ENV_TENANTS_FILE
 from server.launcher import ServerConfig, build_command, build_env, parse_args
+from trainer.config import ServiceConfig
 from trainer.processes import free_port
 from trainer.tinymodel import main as tinymodel_main
 
@@ -308,17 +309,19 @@ def test_trainer_command_is_the_cli_with_flags_it_accepts(file: str, container_e
     container_env(svc)
     args = parse_trainer(svc.argv)
     assert args.command == "serve"
+    cfg = trainer_cli.service_config(args)
     # Reachable from the vllm service and through the published port.
-    host, port = args.listen.rsplit(":", 1)
+    host, port = cfg.listen.rsplit(":", 1)
     assert host == "0.0.0.0" and int(port) in svc.published()
-    assert args.vllm_url == "http://vllm:8000"
+    assert cfg.vllm_url == "http://vllm:8000"
     # The data dir and tenants file are on the data volume.
-    assert svc.mounts()[args.data_dir] == DATA_VOLUME
-    assert under(args.tenants_file or Path(args.data_dir) / "tenants.json", args.data_dir)
+    assert svc.mounts()[str(cfg.data_dir)] == DATA_VOLUME
+    assert cfg.tenants_file is not None and under(cfg.tenants_file, str(cfg.data_dir))
     # Subcommands run in the same container (`docker compose run --rm trainer tenant add
     # acme`) find the same data dir and tenants file from the environment alone.
     add = trainer_cli.build_parser().parse_args(["tenant", "add", "acme"])
-    assert (add.data_dir, add.tenants_file) == (args.data_dir, args.tenants_file)
+    volume = trainer_cli.service_config(add, only=trainer_cli.VOLUME_FIELDS)
+    assert (volume.data_dir, volume.tenants_file) == (cfg.data_dir, cfg.tenants_file)
 
 
 @pytest.mark.parametrize("file", COMPOSE_FILES)
@@ -340,17 +343,17 @@ def test_vllm_command_is_the_launcher_with_flags_it_accepts(file: str, container
 def test_both_services_share_the_data_volume_and_agree(file: str, container_env) -> None:
     trainer, vllm = service(file, "trainer"), service(file, "vllm")
     container_env(trainer)
-    targs = parse_trainer(trainer.argv)
+    tcfg = trainer_cli.service_config(parse_trainer(trainer.argv))
     container_env(vllm)
     cfg = parse_server(vllm.argv)
     # Same volume at the same path: the trainer hands vLLM adapter folders by path.
-    assert str(cfg.data_dir) == targs.data_dir
-    assert trainer.mounts()[targs.data_dir] == vllm.mounts()[str(cfg.data_dir)] == DATA_VOLUME
-    assert str(cfg.tenants_file) == (targs.tenants_file or f"{targs.data_dir}/tenants.json")
+    assert cfg.data_dir == tcfg.data_dir
+    assert trainer.mounts()[str(tcfg.data_dir)] == vllm.mounts()[str(cfg.data_dir)] == DATA_VOLUME
+    assert cfg.tenants_file == tcfg.tenants_file
     assert trainer.mounts() == vllm.mounts()  # and the same model cache
-    assert targs.max_lora_rank == cfg.max_lora_rank
+    assert tcfg.max_lora_rank == cfg.max_lora_rank
     # Adapters record the trainer's name of the base; vLLM serves them on that name.
-    (name, path) = trainer_cli._base_models(",".join(targs.base_model)).popitem()
+    (name, path) = tcfg.base_models.copy().popitem()
     assert name == cfg.served_model_name
     assert path == cfg.model or file == GPU_FILE  # VLLM_MODEL may name a 4-bit copy
     assert load_compose(file)["volumes"].keys() >= {DATA_VOLUME}
@@ -471,6 +474,37 @@ def test_env_example_holds_every_knob_and_the_defaults() -> None:
     util = float(ENV_EXAMPLE["VLLM_GPU_MEMORY_UTILIZATION"])
     budget = float(ENV_EXAMPLE["FINETUNE_GPU_MEMORY_BUDGET"])
     assert util > 0 and budget > 0 and round(util + budget, 6) <= 0.95
+
+
+# .env.example values that are the deployment's own choice, not the code's default, and why.
+DEPLOYMENT_CHOICES = {
+    "FINETUNE_VLLM_URL": "the vllm service's address on the compose network (code: no vLLM)",
+    "FINETUNE_GPU_MEMORY_BUDGET": "the VRAM table's 48 GB row (code: no check)",
+    "FINETUNE_MAX_LORAS": "4 slots, the VRAM table's 48 GB row (code: 8)",
+    "FINETUNE_MAX_CPU_LORAS": "16; the launcher's default is 4 x --max-loras, also 16 here",
+    "FINETUNE_TENANTS_FILE": "the data volume's path; the code derives the same from it",
+}
+
+
+def test_env_example_restates_the_codes_defaults() -> None:
+    """Where .env.example sets a variable that stands in for a flag of the trainer or the
+    launcher, its value is that flag's default (one truth), or a listed deployment choice."""
+    fields_by_env = {
+        f.metadata["env"]: f
+        for cls in (ServiceConfig, ServerConfig)
+        for f in fields(cls)
+        if "env" in f.metadata
+    }
+    checked = set()
+    for name, value in ENV_EXAMPLE.items():
+        if name not in fields_by_env or name in DEPLOYMENT_CHOICES:
+            continue
+        f = fields_by_env[name]
+        default = f.default if f.default is not MISSING else None
+        assert value == ("" if default is None else str(default)), (name, value, default)
+        checked.add(name)
+    assert checked >= {"FINETUNE_MAX_LORA_RANK", "FINETUNE_LOG_FORMAT"}
+    assert DEPLOYMENT_CHOICES.keys() <= ENV_EXAMPLE.keys() & fields_by_env.keys()
 
 
 def test_images_install_the_constraints_ci_tests() -> None:

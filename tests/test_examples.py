@@ -274,4 +274,4 @@ def test_truncated_parquet_is_refused(tmp_path):
     path = write_parquet(tmp_path / "t.parquet", [{"text": "hello"}] * 20)
     path.write_bytes(path.read_bytes()[:-30])
     with pytest.raises(InvalidArgument, match="not a readable Parquet file"):
-        scan(path)
+        scan(path, min_examples=1)

@@ -32,6 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
+from trainer.config import ServiceConfig
+from trainer.flags import add_flags, from_flags
+
 if TYPE_CHECKING:
     from trainer.report import Report
 
@@ -51,24 +54,13 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"FINETUNE_{name}", default)
 
 
-def _base_models(spec: str | None) -> dict[str, str]:
-    """'name=path,other=path2' (or just 'path', served under its folder name)."""
-    out: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in (spec or "").split(","))):
-        name, sep, path = item.partition("=")
-        if not sep:
-            name, path = Path(item).name, item
-        out[name] = path
-    return out
-
-
 # ---------------------------------------------------------------- the parser
+# The volume's flags, for `serve` and for the commands that work on the volume directly.
+VOLUME_FIELDS = ("data_dir", "tenants_file")
+
+
 def _service_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data-dir",
-        default=_env("DATA_DIR", "./data"),
-        help="shared volume (env FINETUNE_DATA_DIR; default ./data)",
-    )
+    add_flags(p, ServiceConfig, only=("data_dir",))
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -87,95 +79,19 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tenant_file_args(p: argparse.ArgumentParser) -> None:
-    _service_args(p)
-    p.add_argument(
-        "--tenants-file",
-        default=_env("TENANTS_FILE"),
-        help="tenants and key hashes (env FINETUNE_TENANTS_FILE; default DATA/tenants.json)",
-    )
+    add_flags(p, ServiceConfig, only=VOLUME_FIELDS)
+
+
+def service_config(args: argparse.Namespace, only: tuple[str, ...] | None = None) -> ServiceConfig:
+    """The ``ServiceConfig`` the flags (and their environment fallbacks) describe."""
+    try:
+        return from_flags(ServiceConfig, args, only=only)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _serve_parser(sub: Any) -> None:
-    s = sub.add_parser("serve", help="run the gRPC service")
-    _service_args(s)
-    s.add_argument(
-        "--listen",
-        default=_env("LISTEN", "127.0.0.1:50051"),
-        help="host:port (env FINETUNE_LISTEN; port 0 picks a free one)",
-    )
-    s.add_argument(
-        "--base-model",
-        action="append",
-        default=None,
-        metavar="NAME=PATH",
-        help="allow a base model (repeatable; env FINETUNE_BASE_MODELS, comma-separated)",
-    )
-    s.add_argument(
-        "--vllm-url",
-        default=_env("VLLM_URL"),
-        help="vLLM server to hot-load adapters into (env FINETUNE_VLLM_URL)",
-    )
-    s.add_argument(
-        "--vllm-admin-key",
-        default=_env("VLLM_ADMIN_KEY"),
-        help="admin API key for vLLM's load/unload (env FINETUNE_VLLM_ADMIN_KEY)",
-    )
-    s.add_argument(
-        "--tenants-file",
-        default=_env("TENANTS_FILE"),
-        help="tenants and key hashes (env FINETUNE_TENANTS_FILE; default DATA/tenants.json)",
-    )
-    s.add_argument(
-        "--max-upload-bytes",
-        type=int,
-        default=int(_env("MAX_UPLOAD_BYTES", str(1 << 30))),
-        help="largest accepted upload (env FINETUNE_MAX_UPLOAD_BYTES)",
-    )
-    s.add_argument(
-        "--min-examples",
-        type=int,
-        default=int(_env("MIN_EXAMPLES", "10")),
-        help="fewest examples a dataset may hold (env FINETUNE_MIN_EXAMPLES)",
-    )
-    s.add_argument(
-        "--max-validations",
-        type=int,
-        default=int(_env("MAX_VALIDATIONS", "2")),
-        help="ValidateDataset calls one tenant may run at once, each a ~400 MiB subprocess; "
-        "more are refused with RESOURCE_EXHAUSTED (env FINETUNE_MAX_VALIDATIONS)",
-    )
-    s.add_argument(
-        "--max-lora-rank",
-        type=int,
-        default=int(_env("MAX_LORA_RANK", "64")),
-        help="the vLLM server's --max-lora-rank (env FINETUNE_MAX_LORA_RANK)",
-    )
-    s.add_argument(
-        "--gpu-memory-budget",
-        type=float,
-        default=float(b) if (b := _env("GPU_MEMORY_BUDGET")) else None,
-        metavar="FRACTION",
-        help="share of the GPU's memory the trainer may use; vLLM's "
-        "--gpu-memory-utilization takes the rest (env FINETUNE_GPU_MEMORY_BUDGET)",
-    )
-    s.add_argument(
-        "--devices", type=int, default=None, help="jobs at once (default: one per GPU, or 1 on CPU)"
-    )
-    s.add_argument(
-        "--metrics-listen",
-        default=_env("METRICS_LISTEN"),
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (env "
-        "FINETUNE_METRICS_LISTEN; off unless given; 9464 is the usual port; 0 picks one)",
-    )
-    s.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="env FINETUNE_LOG_LEVEL")
-    s.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default=_env("LOG_FORMAT", "text"),
-        help="json: one JSON object a line, with job_id/tenant/state on job transitions "
-        "(env FINETUNE_LOG_FORMAT)",
-    )
+    add_flags(sub.add_parser("serve", help="run the gRPC service"), ServiceConfig)
 
 
 def _tenant_parser(sub: Any) -> None:
@@ -226,7 +142,7 @@ def _datasets_parser(sub: Any) -> None:
         help="a hyperparameter as the job would get it (max_seq_len, batch_size, ...)",
     )
     a.add_argument("--eval-fraction", type=float, default=0.0, help="share held out for eval")
-    a.add_argument("--min-examples", type=int, default=10, help="as the service's flag")
+    add_flags(a, ServiceConfig, only=("min_examples",))
     a.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     for name, hlp in (("get", "one dataset"), ("delete", "delete a dataset")):
         a = dsub.add_parser(name, help=hlp)
@@ -357,34 +273,20 @@ def _note(args: argparse.Namespace, text: str) -> None:
 # ---------------------------------------------------------------- serve and tenants
 def cmd_serve(args: argparse.Namespace) -> int:
     from trainer import logs
-    from trainer.config import ServiceConfig
     from trainer.server import serve
 
-    logs.setup(args.log_level, args.log_format)
-    models = _base_models(_env("BASE_MODELS"))
-    models.update(_base_models(",".join(args.base_model or [])))
-    cfg = ServiceConfig(
-        data_dir=Path(args.data_dir),
-        listen=args.listen,
-        base_models=models,
-        vllm_url=args.vllm_url,
-        vllm_admin_key=args.vllm_admin_key,
-        tenants_file=Path(args.tenants_file) if args.tenants_file else None,
-        max_upload_bytes=args.max_upload_bytes,
-        min_examples=args.min_examples,
-        max_validations=args.max_validations,
-        max_lora_rank=args.max_lora_rank,
-        devices=args.devices,
-        gpu_memory_budget=args.gpu_memory_budget,
-    )
-    asyncio.run(serve(cfg, metrics_listen=args.metrics_listen))
+    cfg = service_config(args)
+    logs.setup(cfg.log_level, cfg.log_format)
+    asyncio.run(serve(cfg, metrics_listen=cfg.metrics_listen))
     return EXIT_OK
 
 
 def cmd_tenant(args: argparse.Namespace) -> int:
     from trainer.tenants import TenantRegistry
 
-    reg = TenantRegistry(Path(args.tenants_file or Path(args.data_dir) / "tenants.json"))
+    tenants_file = service_config(args, only=VOLUME_FIELDS).tenants_file
+    assert tenants_file is not None  # ServiceConfig puts it in the data dir when unset
+    reg = TenantRegistry(tenants_file)
     if args.action == "add":
         key = reg.add(args.name, admin=args.admin)
         print(key)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import InvalidArgument
+from trainer.layout import Layout
 
 # vLLM accepts only these LoRA ranks (vllm/config/lora.py, `max_lora_rank` choices).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -71,7 +72,7 @@ class JobConfig:
             self.lora_alpha = 2.0 * self.lora_rank
         self.target_modules = tuple(dict.fromkeys(_module_name(m) for m in self.target_modules))
 
-    def validate(self, max_lora_rank: int = 512) -> JobConfig:
+    def validate(self, max_lora_rank: int = max(VLLM_LORA_RANKS)) -> JobConfig:
         """Raise ``InvalidArgument`` naming the first field out of range."""
 
         def bad(name: str, why: str) -> InvalidArgument:
@@ -181,53 +182,131 @@ class JobSpec:
         return cls(**d)
 
 
+def parse_base_models(specs: list[str]) -> dict[str, str]:
+    """``NAME=PATH`` items, comma-separated or one per flag; a bare ``PATH`` is served under
+    its folder's name. Later items override earlier ones of the same name."""
+    out: dict[str, str] = {}
+    for item in filter(None, (s.strip() for spec in specs for s in spec.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).name, item
+        out[name] = path
+    return out
+
+
+LOG_FORMATS = ("text", "json")
+
+
 @dataclass
 class ServiceConfig:
-    """Settings of ``python -m trainer serve`` (flags, with FINETUNE_* env fallbacks)."""
+    """Settings of ``python -m trainer serve``: its flags are made from these fields
+    (``trainer.flags``), each with a FINETUNE_* environment fallback."""
 
-    data_dir: Path = field(metadata={"help": "Shared volume: datasets, jobs, adapters, store."})
-    listen: str = field(default="127.0.0.1:50051", metadata={"help": "gRPC listen address."})
+    data_dir: Path = field(
+        default=Path("data"),
+        metadata={
+            "help": "Shared volume: datasets, jobs, adapters, the job store.",
+            "env": "FINETUNE_DATA_DIR",
+        },
+    )
+    listen: str = field(
+        default="127.0.0.1:50051",
+        metadata={"help": "gRPC host:port (port 0 picks a free one).", "env": "FINETUNE_LISTEN"},
+    )
     base_models: dict[str, str] = field(
         default_factory=dict,
-        metadata={"help": "Allow-list: served base-model name -> local path or hub id."},
+        metadata={
+            "help": "Allow a base model: its served name and a local folder or hub id "
+            "(repeatable; the variable is comma-separated).",
+            "env": "FINETUNE_BASE_MODELS",
+            "flag": "--base-model",
+            "metavar": "NAME=PATH",
+            "append": True,
+            "parse": parse_base_models,
+        },
     )
     vllm_url: str | None = field(
-        default=None, metadata={"help": "vLLM server to hot-load adapters into, if any."}
+        default=None,
+        metadata={"help": "vLLM server to hot-load adapters into.", "env": "FINETUNE_VLLM_URL"},
     )
     vllm_admin_key: str | None = field(
-        default=None, metadata={"help": "Admin key the trainer uses against vLLM."}
+        default=None,
+        metadata={
+            "help": "Admin API key for vLLM's load/unload.",
+            "env": "FINETUNE_VLLM_ADMIN_KEY",
+        },
     )
     tenants_file: Path | None = field(
-        default=None, metadata={"help": "Tenants and key hashes; default DATA/tenants.json."}
+        default=None,
+        metadata={
+            "help": "Tenants and key hashes (default DATA/tenants.json).",
+            "env": "FINETUNE_TENANTS_FILE",
+        },
     )
     max_upload_bytes: int = field(
-        default=1 << 30, metadata={"help": "Largest dataset upload accepted."}
+        default=1 << 30,
+        metadata={"help": "Largest accepted upload.", "env": "FINETUNE_MAX_UPLOAD_BYTES"},
     )
     max_lora_rank: int = field(
-        default=64, metadata={"help": "The serving side's --max-lora-rank; larger is refused."}
+        default=64,
+        metadata={
+            "help": "The vLLM server's --max-lora-rank; a larger rank is refused.",
+            "env": "FINETUNE_MAX_LORA_RANK",
+        },
     )
     devices: int | None = field(
-        default=None, metadata={"help": "Jobs run at once; None = one per GPU, or 1 on CPU."}
+        default=None,
+        metadata={"help": "Jobs at once (default: one per GPU, or 1 on CPU)."},
     )
     gpu_memory_budget: float | None = field(
         default=None,
-        metadata={"help": "Share of the GPU's memory a job may use; None = no check."},
+        metadata={
+            "help": "Share of the GPU's memory the trainer may use; vLLM's "
+            "--gpu-memory-utilization takes the rest. Unset: no check.",
+            "env": "FINETUNE_GPU_MEMORY_BUDGET",
+            "metavar": "FRACTION",
+        },
     )
     min_examples: int = field(
-        default=10, metadata={"help": "Fewest examples an uploaded dataset may hold."}
+        default=10,
+        metadata={
+            "help": "Fewest examples a dataset may hold.",
+            "env": "FINETUNE_MIN_EXAMPLES",
+        },
     )
     max_validations: int = field(
         default=2,
         metadata={
-            "help": "ValidateDataset calls one tenant may have running at once; each is a "
-            "subprocess of ~400 MiB, and a call over the limit is refused, not queued."
+            "help": "ValidateDataset calls one tenant may run at once, each a ~400 MiB "
+            "subprocess; more are refused with RESOURCE_EXHAUSTED, not queued.",
+            "env": "FINETUNE_MAX_VALIDATIONS",
+        },
+    )
+    metrics_listen: str | None = field(
+        default=None,
+        metadata={
+            "help": "Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; "
+            "9464 is the usual port; 0 picks one).",
+            "env": "FINETUNE_METRICS_LISTEN",
+            "metavar": "HOST:PORT",
+        },
+    )
+    log_level: str = field(
+        default="INFO", metadata={"help": "Log level.", "env": "FINETUNE_LOG_LEVEL"}
+    )
+    log_format: str = field(
+        default="text",
+        metadata={
+            "help": "json: one JSON object a line, with job_id/tenant/state on job transitions.",
+            "env": "FINETUNE_LOG_FORMAT",
+            "choices": LOG_FORMATS,
         },
     )
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         if self.tenants_file is None:
-            self.tenants_file = self.data_dir / "tenants.json"
+            self.tenants_file = Layout(self.data_dir).tenants_file
         if self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank {self.max_lora_rank} is not one of {VLLM_LORA_RANKS}")
         if self.min_examples < 1:
@@ -236,3 +315,5 @@ class ServiceConfig:
             raise ValueError(f"max_validations {self.max_validations} is not at least 1")
         if self.gpu_memory_budget is not None and not 0 < self.gpu_memory_budget <= 1:
             raise ValueError(f"gpu_memory_budget {self.gpu_memory_budget} is not in (0, 1]")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format {self.log_format!r} is not one of {LOG_FORMATS}")

@@ -23,7 +23,7 @@ from trainer.errors import (
     NotFound,
     ResourceExhausted,
 )
-from trainer.examples import MIN_EXAMPLES, scan
+from trainer.examples import scan
 from trainer.layout import Layout, fsync_dir
 from trainer.names import check_name
 from trainer.store import DatasetRecord, Store, new_id
@@ -32,9 +32,7 @@ from trainer.store import DatasetRecord, Store, new_id
 class DatasetIngest:
     """Receives uploads and manages the tenant's dataset records and files."""
 
-    def __init__(
-        self, store: Store, layout: Layout, max_bytes: int, min_examples: int = MIN_EXAMPLES
-    ) -> None:
+    def __init__(self, store: Store, layout: Layout, max_bytes: int, min_examples: int) -> None:
         self.store = store
         self.layout = layout
         self.max_bytes = max_bytes

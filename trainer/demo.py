@@ -52,6 +52,7 @@ def run(model: Path | None, data: Path) -> dict[str, dict[str, str]]:
     import openai
 
     from trainer.client import TrainerClient
+    from trainer.layout import Layout
     from trainer.tenants import TenantRegistry
     from trainer.tinymodel import build_tiny_model
 
@@ -61,7 +62,7 @@ def run(model: Path | None, data: Path) -> dict[str, dict[str, str]]:
         if not (model / "config.json").exists():
             print("building the tiny test model ...", flush=True)
             build_tiny_model(model, seed=0)
-    registry = TenantRegistry(data / "tenants.json")
+    registry = TenantRegistry(Layout(data).tenants_file)
     # Keys are shown once: a data dir used before gets new tenants, not the old keys.
     suffix = "" if not registry.list() else f"-{int(time.time())}"
     keys = {t: registry.add(t + suffix) for t in TENANTS}

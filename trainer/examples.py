@@ -28,7 +28,6 @@ from trainer.errors import InvalidArgument
 
 MAX_ERRORS_LISTED = 10
 MAX_LINE_BYTES = 4 << 20
-MIN_EXAMPLES = 1
 ROLES = ("system", "user", "assistant")
 PARQUET_MAGIC = b"PAR1"
 PARQUET_BATCH_ROWS = 1024
@@ -273,8 +272,11 @@ class Scan:
     examples: int
 
 
-def scan(path: Path, min_examples: int = MIN_EXAMPLES, max_errors: int = MAX_ERRORS_LISTED) -> Scan:
+def scan(path: Path, min_examples: int, max_errors: int = MAX_ERRORS_LISTED) -> Scan:
     """Check every line; raise ``InvalidArgument`` listing what is wrong and where.
+
+    ``min_examples``: an upload passes the service's (``ServiceConfig.min_examples``); a
+    dataset already stored, read again, passes 1.
 
     Reads the file once, streaming: memory does not grow with its size.
     """

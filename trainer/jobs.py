@@ -36,8 +36,8 @@ class Jobs:
         bus: EventBus,
         base_models: dict[str, str],
         max_lora_rank: int,
-        memory: MemoryBudget | None = None,
-        max_validations: int = 2,
+        memory: MemoryBudget | None,
+        max_validations: int,
     ) -> None:
         self.store = store
         self.scheduler = scheduler

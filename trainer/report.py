@@ -541,7 +541,7 @@ def for_spec(
     path = Path(spec.dataset_path)
     fmt, count = spec.dataset_format, spec.dataset_examples
     if not fmt or not count:
-        found = scan(path)
+        found = scan(path, min_examples=1)  # stored: checked against the minimum on upload
         fmt, count = found.format, found.examples
     eval_at = (
         eval_positions(count, spec.eval_fraction, spec.config.seed) if spec.eval_fraction else None
