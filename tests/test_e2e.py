@@ -9,6 +9,7 @@ the service mid-job, retraining a name, fairness across tenants.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 from pathlib import Path
@@ -209,7 +210,12 @@ def test_crash_before_any_checkpoint_fails_with_reason(tmp_path, tiny_model_dir)
         ds = _upload(a, tmp_path, "crash", "x", n=4096)
         job = a.create_job("tiny", ds.id, "crash", **{**FAST, "num_epochs": 1})
         wait_for(lambda: a.get_job(job.id).state == pb.JOB_STATE_RUNNING)
+        # Stopped, the worker cannot die of writing to its dead service's pipe either.
+        for pid in worker_pids(job.id):
+            os.kill(pid, signal.SIGSTOP)
     svc.stop(signal.SIGKILL)
+    # The worker dies with its service (PR_SET_PDEATHSIG), before anything restarts.
+    wait_for(lambda: not worker_pids(job.id), timeout=10)
     svc = Service(data, {"tiny": str(tiny_model_dir)}).start()
     try:
         with svc.client(key) as a:
@@ -217,8 +223,6 @@ def test_crash_before_any_checkpoint_fails_with_reason(tmp_path, tiny_model_dir)
             assert done.state == pb.JOB_STATE_FAILED
             assert done.error_kind == pb.ERROR_KIND_SYSTEM
             assert "checkpoint" in done.error_message
-        # The orphaned worker of the dead service is gone.
-        wait_for(lambda: not worker_pids(job.id), timeout=30)
     finally:
         svc.stop()
 

@@ -1,14 +1,17 @@
-"""Child processes for the demo, the benchmarks and the tests: a free port, a child in its
-own process group, waiting until something is up, and stopping it (SIGKILL as a last resort).
+"""Child processes: for the demo, the benchmarks and the tests, a free port, a child in its
+own process group, waiting until something is up, and stopping it (SIGKILL as a last
+resort); for the service's own children, dying with it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +19,22 @@ from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> None:
+    """Have Linux SIGKILL this process when the process that started it dies.
+
+    The service's training and validation subprocesses call it first thing: each runs in
+    a session of its own (so that a cancel kills its whole group), so a service killed
+    with SIGKILL would otherwise leave them running, holding GPU memory and writing to a
+    job the next start resumes or fails. One that starts as its service dies (before this
+    call) is killed by the next start, which reaps workers left over (trainer.scheduler).
+    """
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def free_port() -> int:

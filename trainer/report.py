@@ -39,6 +39,7 @@ from typing import Any
 from trainer.config import JobConfig, JobSpec
 from trainer.errors import FailedPrecondition, InvalidArgument
 from trainer.examples import FORMATS, LineError, Row, examples, scan
+from trainer.processes import die_with_parent
 
 LINES_LISTED = 10
 BATCH_ROWS = 256  # examples per call into the tokenizer
@@ -571,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     cannot be loaded (the traceback, host paths and all, goes to stderr for the log).
     """
     argv = sys.argv[1:] if argv is None else argv
+    die_with_parent()
     spec = JobSpec.from_dict(json.loads(Path(argv[0]).read_text()))
     try:
         tok = base_tokenizer(spec)

@@ -33,6 +33,8 @@ import sys
 import traceback
 from typing import Any, TextIO
 
+from trainer.processes import die_with_parent
+
 EXIT_OK = 0
 EXIT_SYSTEM = 1
 EXIT_USER = 2
@@ -87,6 +89,7 @@ def system_error_message(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    die_with_parent()
     events = take_stdout()
     # The scheduler cancels by killing the process group: die at once, hold nothing.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
