@@ -10,16 +10,22 @@ AdamW. Protobuf is converted to these classes once, at the gRPC edge
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from trainer.errors import InvalidArgument
 from trainer.layout import Layout
 
+log = logging.getLogger(__name__)
+
 # vLLM accepts only these LoRA ranks (vllm/config/lora.py, `max_lora_rank` choices).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Hyperparameters renamed since jobs were first stored, old name -> new (none yet): a
+# stored job's config keeps loading across a rename (JobConfig.from_dict).
+RENAMED_HYPERPARAMETERS: dict[str, str] = {}
 # The seven linear projections of a Llama/Mistral/Qwen decoder layer.
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -116,7 +122,14 @@ class JobConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JobConfig:
-        d = dict(d)
+        """A config as ``to_dict`` wrote it, maybe by an older version (jobs are stored):
+        renamed hyperparameters are read under their new names, and ones no longer known
+        are left out, with a warning, rather than making the stored job unreadable."""
+        known = {f.name for f in fields(cls)}
+        d = {RENAMED_HYPERPARAMETERS.get(k, k): v for k, v in d.items()}
+        if unknown := sorted(d.keys() - known):
+            log.warning("hyperparameters no longer known, left out: %s", ", ".join(unknown))
+        d = {k: v for k, v in d.items() if k in known}
         if "target_modules" in d:
             d["target_modules"] = tuple(d["target_modules"])
         return cls(**d)

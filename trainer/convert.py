@@ -25,20 +25,12 @@ _KINDS = {
     ErrorKind.USER: pb.ERROR_KIND_USER,
     ErrorKind.SYSTEM: pb.ERROR_KIND_SYSTEM,
 }
-# Scalar hyperparameter fields shared by the proto message and JobConfig.
-_HP_FIELDS = (
-    "lora_rank",
-    "lora_alpha",
-    "lora_dropout",
-    "learning_rate",
-    "warmup_steps",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "max_seq_len",
-    "num_epochs",
-    "seed",
-    "checkpoint_every_steps",
-    "eval_every_steps",
+# The scalar hyperparameters: every optional field of the message (each one a JobConfig
+# field of the same name; tests/test_convert.py checks the two agree).
+_HP_FIELDS = tuple(
+    f.name
+    for f in pb.Hyperparameters.DESCRIPTOR.fields
+    if f.has_presence and f.name != "target_modules"
 )
 # Scalar fields shared by the DatasetReport message and the domain Report (the token
 # stats, format and findings are converted by hand).

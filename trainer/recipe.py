@@ -64,8 +64,10 @@ class EventSink(Protocol):
 # ---------------------------------------------------------------- builders
 
 
-def bnb_config(cfg: JobConfig) -> BitsAndBytesConfig:
-    """QLoRA's base quantisation: NF4, double-quantised constants, bf16 compute."""
+def bnb_config() -> BitsAndBytesConfig:
+    """QLoRA's base quantisation: NF4, double-quantised constants, bf16 compute. Fixed for
+    every job (not a hyperparameter): it is what the fast path and the memory estimate
+    were built and measured for."""
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -151,7 +153,7 @@ def load_model(path: str, cfg: JobConfig, fast: FastPathConfig | None) -> PeftMo
     extra = {"attn_implementation": fastpath.register_attention()} if fast else {}
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        quantization_config=bnb_config(cfg),
+        quantization_config=bnb_config(),
         dtype=torch.bfloat16,
         device_map={"": torch.cuda.current_device() if on_gpu else "cpu"},
         **extra,
