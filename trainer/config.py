@@ -18,6 +18,7 @@ from typing import Any
 
 from trainer.errors import InvalidArgument
 from trainer.layout import Layout
+from trainer.logs import FORMATS as LOG_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,6 @@ def parse_base_models(specs: list[str]) -> dict[str, str]:
     return out
 
 
-LOG_FORMATS = ("text", "json")
 
 
 @dataclass

@@ -7,10 +7,11 @@ of the JSON object; in text they follow the message as ``key=value``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter as _LibraryJsonFormatter
 
 # Attributes every LogRecord has; anything else on a record came in through ``extra``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -21,19 +22,23 @@ def _extra(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-            **_extra(record),
-        }
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+class JsonFormatter(_LibraryJsonFormatter):
+    """python-json-logger's, with the keys this service has always written: ``time`` (UTC,
+    milliseconds, ``Z``), ``level``, ``logger``, ``message``, the extras, ``exception``."""
+
+    converter = staticmethod(time.gmtime)  # UTC, as the "Z" says
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "{asctime}{levelname}{name}{message}",
+            style="{",
+            rename_fields={
+                "asctime": "time", "levelname": "level", "name": "logger", "exc_info": "exception"
+            },
+            json_default=str,
+        )  # fmt: skip
 
 
 class TextFormatter(logging.Formatter):
