@@ -190,3 +190,13 @@ def run_worker(spec: Path, log: Path, timeout: float = 300) -> tuple[int, list[d
     out, _ = proc.communicate(timeout=timeout)
     # Every stdout line must be an event: library prints went to stderr.
     return proc.returncode, [json.loads(line) for line in out.splitlines()]
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of the event files in ``folder``, read by TensorBoard's
+    own loader (not by the code that wrote them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from finetune.v1 import trainer_pb2 as pb
-from tests.service import ROOT, Service, add_tenant, chat_rows, write_jsonl
+from tests.service import ROOT, Service, add_tenant, chat_rows, tensorboard_scalars, write_jsonl
 from trainer import curves
 from trainer.__main__ import build_parser
 
@@ -539,7 +539,7 @@ def test_the_plot_shows_the_stored_events(run):
         for key in ("loss", "eval_loss"):
             assert _as_points(plotted, key) == expected[key], key
         # The TensorBoard event files hold the same points (as float32).
-        scalars = curves.read_scalars(where)
+        scalars = tensorboard_scalars(where)
         for key, tag in (("loss", "train/loss"), ("eval_loss", "eval/loss")):
             got = dict(scalars[tag])
             assert got.keys() == expected[key].keys(), tag

@@ -3,19 +3,16 @@
 The service records each ``progress`` event of a job as it arrives::
 
     DATA/jobs/<job_id>/curves/
-      events.out.tfevents.<time>.finetune   TensorBoard scalars: train/loss, eval/loss,
+      events.out.tfevents.<time>.<host>     TensorBoard scalars: train/loss, eval/loss,
                                             train/learning_rate, train/grad_norm,
-                                            train/tokens_per_second (``tensorboard --logdir``)
+                                            train/tokens_per_second (``tensorboard --logdir``;
+                                            one file per service start, written by tensorboardX)
       metrics.jsonl                         the progress events as received, one a line
       loss.png                              loss and eval loss against the optimizer step
       loss.json                             exactly the series plotted in loss.png
 
 and copies them into the published adapter's folder (vLLM ignores files it does not
 know). ``finetune jobs plot`` draws the same plot from ``WatchJob`` events on the client.
-
-The event files are written here, with no TensorBoard or TensorFlow dependency: a
-TFRecord of ``Event`` protos (``file_version`` first, then one ``Summary`` of
-``simple_value`` scalars per step), framed by masked CRC-32C checksums.
 """
 
 from __future__ import annotations
@@ -24,11 +21,13 @@ import json
 import logging
 import math
 import shutil
-import struct
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tensorboardX.event_file_writer import EventsWriter
 
 log = logging.getLogger(__name__)
 
@@ -47,161 +46,6 @@ TAGS = {
 }
 # A PNG text chunk carrying the plotted series, so the image says what it shows.
 PNG_SERIES_KEY = "finetune:series"
-
-
-# ---------------------------------------------------------------- TFRecord framing
-def _crc32c_table() -> list[int]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _record(data: bytes) -> bytes:
-    header = struct.pack("<Q", len(data))
-    return (
-        header
-        + struct.pack("<I", _masked_crc(header))
-        + data
-        + struct.pack("<I", _masked_crc(data))
-    )
-
-
-def read_records(path: Path) -> Iterator[bytes]:
-    """The records of a TFRecord file, checksums verified (a torn last record is skipped)."""
-    with open(path, "rb") as f:
-        while header := f.read(8):
-            if len(header) < 8:
-                return
-            (n,) = struct.unpack("<Q", header)
-            (hcrc,) = struct.unpack("<I", f.read(4) or b"\0\0\0\0")
-            data = f.read(n)
-            tail = f.read(4)
-            if len(data) < n or len(tail) < 4:
-                return
-            if hcrc != _masked_crc(header) or struct.unpack("<I", tail)[0] != _masked_crc(data):
-                raise ValueError(f"{path}: corrupt record")
-            yield data
-
-
-# ---------------------------------------------------------------- Event protos, by hand
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    n &= (1 << 64) - 1
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _field(number: int, wire: int) -> bytes:
-    return _varint(number << 3 | wire)
-
-
-def _bytes_field(number: int, data: bytes) -> bytes:
-    return _field(number, 2) + _varint(len(data)) + data
-
-
-def encode_event(
-    wall_time: float, step: int = 0, *, scalars: dict[str, float] | None = None, version: str = ""
-) -> bytes:
-    """``tensorboard.Event``: wall_time=1 (double), step=2, file_version=3, summary=5."""
-    out = _field(1, 1) + struct.pack("<d", wall_time)
-    if step:
-        out += _field(2, 0) + _varint(step)
-    if version:
-        out += _bytes_field(3, version.encode())
-    if scalars:
-        # Summary.value=1 -> Value{tag=1, simple_value=2 (float)}
-        summary = b"".join(
-            _bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5) + struct.pack("<f", v))
-            for tag, v in scalars.items()
-        )
-        out += _bytes_field(5, summary)
-    return out
-
-
-def _parse(data: bytes) -> Iterator[tuple[int, int, Any]]:
-    i = 0
-    while i < len(data):
-        key, i = _read_varint(data, i)
-        number, wire = key >> 3, key & 7
-        value: int | bytes
-        if wire == 0:
-            value, i = _read_varint(data, i)
-        elif wire == 1:
-            value, i = data[i : i + 8], i + 8
-        elif wire == 5:
-            value, i = data[i : i + 4], i + 4
-        elif wire == 2:
-            n, i = _read_varint(data, i)
-            value, i = data[i : i + n], i + n
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        yield number, wire, value
-
-
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        b = data[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return result, i
-
-
-def decode_event(data: bytes) -> dict[str, Any]:
-    """The fields of an ``Event`` this module writes: wall_time, step, file_version, scalars."""
-    ev: dict[str, Any] = {"wall_time": 0.0, "step": 0, "scalars": {}}
-    for number, _, value in _parse(data):
-        if number == 1:
-            ev["wall_time"] = struct.unpack("<d", value)[0]
-        elif number == 2:
-            ev["step"] = value
-        elif number == 3:
-            ev["file_version"] = value.decode()
-        elif number == 5:
-            for vn, _, v in _parse(value):
-                if vn != 1:
-                    continue
-                fields = {n: x for n, _, x in _parse(v)}
-                ev["scalars"][fields[1].decode()] = struct.unpack("<f", fields[2])[0]
-    return ev
-
-
-def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the event files of ``folder``: tag -> [(step, value), ...]."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(folder.glob(EVENTS_PREFIX + "*")):
-        for rec in read_records(path):
-            ev = decode_event(rec)
-            for tag, value in ev["scalars"].items():
-                out.setdefault(tag, []).append((ev["step"], value))
-    return out
 
 
 # ---------------------------------------------------------------- series
@@ -323,11 +167,10 @@ class JobCurves:
     def __init__(self, job_dir: Path) -> None:
         self.folder = job_dir / CURVES
         self.series = Series()
-        self._events: Path | None = None
+        self._events: EventsWriter | None = None
         metrics = self.folder / METRICS_FILE
         if metrics.exists():  # the service restarted mid-job: carry on from what is there
             self.series = Series.from_progress(_read_jsonl(metrics))
-            self._events = next(iter(sorted(self.folder.glob(EVENTS_PREFIX + "*"))), None)
 
     def record(self, progress: dict[str, Any], wall_time: float | None = None) -> None:
         wall_time = time.time() if wall_time is None else wall_time
@@ -335,15 +178,30 @@ class JobCurves:
         with open(self.folder / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps({"time": wall_time, **progress}) + "\n")
         new = self.series.add(progress)
+        if not new:
+            return
+        from tensorboardX.event_file_writer import EventsWriter  # not for the CLI's plots
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
         if self._events is None:
-            self._events = self.folder / f"{EVENTS_PREFIX}{int(wall_time)}.finetune"
-            with open(self._events, "ab") as f:
-                f.write(_record(encode_event(wall_time, version="brain.Event:2")))
-        if new:
-            scalars = {TAGS[k]: v for k, v in new.items()}
-            step = int(progress.get("step") or 0)
-            with open(self._events, "ab") as f:
-                f.write(_record(encode_event(wall_time, step, scalars=scalars)))
+            # tensorboardX's synchronous writer (SummaryWriter's queues events for a thread):
+            # each record is on disk when this returns. One file per start, named by the
+            # second and the host, then this suffix: two starts in one second get two files
+            # (the writer truncates), in the order TensorBoard reads them.
+            prefix = str(self.folder / "events")  # it adds ".out.tfevents.<time>.<host>"
+            self._events = EventsWriter(prefix, filename_suffix=f".{time.time_ns()}")
+        values = [Summary.Value(tag=TAGS[k], simple_value=v) for k, v in new.items()]
+        step = int(progress.get("step") or 0)
+        self._events.write_event(
+            Event(wall_time=wall_time, step=step, summary=Summary(value=values))
+        )
+        self._events.flush()
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
     def render(self, title: str = "") -> Path:
         plotted = plot(self.series, self.folder / PLOT_FILE, title)

@@ -79,6 +79,7 @@ class ObservedStore:
             if self._on_end is not None:
                 self._on_end(job_id, state)
             self._states.pop(job_id, None)
-            self._curves.pop(job_id, None)
+            if (ended := self._curves.pop(job_id, None)) is not None:
+                ended.close()
             if state is not JobState.SUCCEEDED:
                 curves.finish(self._layout.job_dir(job_id), title=job_id)
