@@ -31,6 +31,10 @@ class ResourceExhausted(DomainError):
     """A size or quota limit was passed."""
 
 
+class StorageFull(ResourceExhausted):
+    """The disk under the service's data is full; nothing of the request was kept."""
+
+
 class Unauthenticated(DomainError):
     """No key, or a key that belongs to no tenant."""
 

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 
 from trainer.config import EvalSplit, JobConfig
 from trainer.errors import (
-    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -20,7 +19,7 @@ from trainer.errors import (
 )
 from trainer.layout import write_atomic
 from trainer.memory import MemoryBudget
-from trainer.names import check_id, check_name, fold
+from trainer.names import check_id, check_name
 from trainer.report import Report
 from trainer.scheduler import EventBus, Scheduler, job_spec
 from trainer.store import DatasetRecord, EventRecord, JobRecord, JobState, Store, new_id
@@ -45,7 +44,6 @@ class Jobs:
         self.base_models = base_models
         self.max_lora_rank = max_lora_rank
         self.memory = memory
-        self._create_lock = asyncio.Lock()
         self.max_validations = max_validations  # per tenant, at once
         self._validating: Counter[str] = Counter()
 
@@ -109,22 +107,7 @@ class Jobs:
         split: EvalSplit | None = None,
     ) -> JobRecord:
         rec = self._draft(tenant, base_model, dataset_id, adapter_name, cfg, split or EvalSplit())
-        async with self._create_lock:  # the duplicate check and the insert are one step
-            for j in self.store.list_jobs(tenant):
-                if fold(j.adapter_name) == fold(adapter_name) and not j.state.terminal:
-                    raise AlreadyExists(
-                        f"adapter_name: job {j.id} for adapter {j.adapter_name!r} is "
-                        f"{j.state.value}; wait for it or cancel it"
-                    )
-            # Served names differ by more than case: 'Secret' beside 'secret' would share a
-            # folder on a case-insensitive volume.
-            for ad in self.store.list_adapters(tenant):
-                if fold(ad.name) == fold(adapter_name) and ad.name != adapter_name:
-                    raise AlreadyExists(
-                        f"adapter_name: adapter {ad.name!r} exists; names must differ "
-                        "by more than case"
-                    )
-            self.store.add_job(rec)
+        self.store.add_job(rec)  # refused if the name has an active job: checked there, at once
         self.store.append_event(rec.id, JobState.QUEUED, "queued")
         await self.bus.notify()
         self.scheduler.wake()

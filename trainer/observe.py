@@ -1,8 +1,8 @@
 """What the service shows of its jobs as they change: transition logs and training curves.
 
-Every job event goes through the store's ``append_event`` (``Jobs.create`` writes the
-QUEUED one, the scheduler the rest), so this wraps the store there, once, in
-``server.serve``:
+Every job event is stored through ``Store.append_event`` (``Jobs.create`` writes the
+QUEUED one, the scheduler the rest), and the store hands each one to the ``JobObserver``
+``server.serve`` gives it (``Store.listen``):
 
 * a state change is logged as one line with ``job_id``, ``tenant`` and ``state``
   (a JSON object a line with ``--log-format json``);
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from trainer import curves
 from trainer.layout import Layout
@@ -24,8 +23,8 @@ from trainer.store import EventRecord, JobState, Store
 log = logging.getLogger("trainer.jobs")
 
 
-class ObservedStore:
-    """A ``Store`` that logs job transitions and records curves as events are appended."""
+class JobObserver:
+    """Logs job transitions and records curves, event by event (a ``Store`` listener)."""
 
     def __init__(
         self,
@@ -33,27 +32,14 @@ class ObservedStore:
         layout: Layout,
         on_end: Callable[[str, JobState], None] | None = None,
     ) -> None:
-        self._store = store
+        self._store = store  # read for the job's tenant and adapter on a transition
         self._layout = layout
         self._on_end = on_end  # the metrics' count of ended jobs
         self._states: dict[str, JobState] = {}
         self._curves: dict[str, curves.JobCurves] = {}
 
-    def __getattr__(self, name: str) -> Any:  # everything else is the store's own
-        return getattr(self._store, name)
-
-    def append_event(
-        self, job_id: str, state: JobState, message: str, progress: dict | None = None
-    ) -> EventRecord:
-        ev = self._store.append_event(job_id, state, message, progress)
-        try:
-            self._observe(ev, progress)
-        except Exception:  # observing never breaks a job
-            log.exception("observing an event of job %s failed", job_id)
-        return ev
-
-    def _observe(self, ev: EventRecord, progress: dict | None) -> None:
-        job_id, state = ev.job_id, ev.state
+    def __call__(self, ev: EventRecord) -> None:
+        job_id, state, progress = ev.job_id, ev.state, ev.progress
         if progress:
             c = self._curves.get(job_id)
             if c is None:

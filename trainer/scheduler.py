@@ -119,9 +119,6 @@ class Scheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._reapers: set[asyncio.Task[None]] = set()
         self._stopping = False
-        # tenant -> the latest start of any of its jobs, for the fair queue: read from the
-        # store once here, then kept by _launch, so that choosing a job reads queued ones only.
-        self._last_start: dict[str, float] = store.last_starts()
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -187,7 +184,10 @@ class Scheduler:
             if job.pid:
                 _kill_group_of(job.pid, job.id)
             ckpt = latest_checkpoint(self.layout.job_dir(job.id))
-            if ckpt is not None:
+            if job.pid is None and ckpt is None:  # claimed, but its worker never started
+                self.store.update_job(job.id, state=JobState.QUEUED)
+                await self._event(job.id, JobState.QUEUED, "the service restarted; queued again")
+            elif ckpt is not None:
                 self.store.update_job(job.id, state=JobState.QUEUED, pid=None)
                 await self._event(
                     job.id,
@@ -204,25 +204,11 @@ class Scheduler:
                 )
 
     # ------------------------------------------------------------ queue
-    def _next_job(self) -> JobRecord | None:
-        """FIFO within a tenant; across tenants, the one served least recently goes first."""
-        queued = [
-            j for j in self.store.jobs_in_states(JobState.QUEUED) if j.id not in self._running
-        ]
-        if not queued:
-            return None
-        first_of_tenant: dict[str, JobRecord] = {}
-        for j in queued:  # already oldest first
-            first_of_tenant.setdefault(j.tenant, j)
-        return min(
-            first_of_tenant.values(),
-            key=lambda j: (self._last_start.get(j.tenant, 0.0), j.created_at),
-        )
-
     async def _loop(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            while len(self._running) < self.slots and (job := self._next_job()):
+            # The store picks the job, fairly, and takes it off the queue in one step.
+            while len(self._running) < self.slots and (job := self.store.claim_next()):
                 busy = {r.slot for r in self._running.values()}
                 slot = next(s for s in range(self.slots) if s not in busy)
                 try:
@@ -269,11 +255,7 @@ class Scheduler:
             )
         run = _Running(job.id, slot, proc)
         self._running[job.id] = run
-        started_at = job.started_at or time.time()  # a resumed job keeps its first start
-        self.store.update_job(
-            job.id, state=JobState.VALIDATING, pid=proc.pid, started_at=started_at
-        )
-        self._last_start[job.tenant] = max(self._last_start.get(job.tenant, 0.0), started_at)
+        self.store.update_job(job.id, pid=proc.pid)
         device = f"cuda:{slot}" if self.gpus else "cpu"
         log.info("job %s of %s started on %s (pid %d)", job.id, job.tenant, device, proc.pid)
         await self._event(job.id, JobState.VALIDATING, f"started on {device}")

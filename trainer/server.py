@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,11 +19,11 @@ from trainer.jobs import Jobs
 from trainer.layout import Layout
 from trainer.memory import MemoryBudget
 from trainer.metrics import Metrics
-from trainer.observe import ObservedStore
+from trainer.observe import JobObserver
 from trainer.publish import AdapterLoader, Publisher
 from trainer.scheduler import EventBus, Scheduler
 from trainer.servicer import STATUS, TrainerServicer
-from trainer.store import SqliteStore, Store
+from trainer.store import SqliteStore
 from trainer.tenants import TenantRegistry
 from trainer.wire import DecodeGuard
 
@@ -51,10 +50,10 @@ async def serve(
     layout = Layout(cfg.data_dir).create()
     if swept := layout.sweep():  # half an upload or publish from a killed predecessor
         log.warning("removed %d unfinished upload(s)/publish(es): %s", len(swept), swept)
-    sqlite = SqliteStore(layout.db)
-    metrics = Metrics(sqlite)
+    store = SqliteStore(layout.db)
+    metrics = Metrics(store)
     # Job transitions are logged, curves recorded and ended jobs counted as events are stored.
-    store = cast(Store, ObservedStore(sqlite, layout, on_end=metrics.job_ended))
+    store.listen(JobObserver(store, layout, on_end=metrics.job_ended))
     assert cfg.tenants_file is not None
     auth = Authenticator(TenantRegistry(cfg.tenants_file))
     bus = EventBus()
@@ -121,5 +120,5 @@ async def serve(
     await server.stop(GRACE_S)
     await scheduler.stop()
     metrics.stop()
-    sqlite.close()
+    store.close()
     log.info("stopped")

@@ -10,7 +10,6 @@ import errno
 import functools
 import inspect
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -40,12 +39,11 @@ STATUS = {
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: Exception) -> None:
-    if isinstance(e, errors.DomainError):
-        await context.abort(STATUS[type(e)], str(e))
-    if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-        getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-    ):
-        # gRPC's code for "the entire file system is out of space"; nothing was kept.
+    if isinstance(e, errors.DomainError):  # the first class it is (StorageFull: exhausted)
+        await context.abort(next(c for cls, c in STATUS.items() if isinstance(e, cls)), str(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        # gRPC's code for "the entire file system is out of space" (the store raises
+        # StorageFull, a ResourceExhausted, for its own); nothing was kept.
         log.error("out of disk space: %s", e)
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED, "the service is out of disk space; try again later"

@@ -2,26 +2,32 @@
 
 One implementation today behind the ``Store`` protocol; when the service grows
 onto several GPU hosts this moves to PostgreSQL (workers claiming jobs with
-``FOR UPDATE SKIP LOCKED``) without the rest of the service changing.
+``FOR UPDATE SKIP LOCKED``) without the rest of the service changing. What must hold
+across processes is the store's to keep, each in one transaction: an adapter name has
+one active job (``add_job``), and the next job is claimed fairly (``claim_next``).
 Every query is scoped by tenant where the object has one, so a caller cannot
-reach another tenant's rows by id.
+reach another tenant's rows by id. A full disk is ``StorageFull``, whatever the engine.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from trainer.errors import AlreadyExists
+from trainer.errors import AlreadyExists, StorageFull
+from trainer.names import fold
+
+log = logging.getLogger(__name__)
 
 
 class JobState(StrEnum):
@@ -109,6 +115,10 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(8)}"
 
 
+# What a store hands each event it stores to (trainer.observe.JobObserver, in the service).
+EventListener = Callable[[EventRecord], None]
+
+
 class Store(Protocol):
     """What the service needs from its store (SQLite today, PostgreSQL later)."""
 
@@ -118,15 +128,32 @@ class Store(Protocol):
     def list_datasets(self, tenant: str) -> list[DatasetRecord]: ...
     def delete_dataset(self, tenant: str, dataset_id: str) -> bool: ...
     def sha256_in_use(self, sha256: str) -> bool: ...
-    def add_job(self, rec: JobRecord) -> None: ...
+    def add_job(self, rec: JobRecord) -> None:
+        """Queue ``rec``, refused (``AlreadyExists``) while a job for the same adapter name
+        (case folded) is active, or if the tenant has an adapter of that name in another
+        case: checked and inserted in one transaction."""
+        ...
+
+    def claim_next(self) -> JobRecord | None:
+        """Take the next queued job, in one transaction, as VALIDATING: FIFO within a
+        tenant; across tenants, the one whose latest job started longest ago (or never)
+        first. Its ``started_at`` is its first start (a resumed job keeps its own)."""
+        ...
+
     def get_job(self, tenant: str | None, job_id: str) -> JobRecord | None: ...
     def list_jobs(self, tenant: str) -> list[JobRecord]: ...
     def jobs_in_states(self, *states: JobState) -> list[JobRecord]: ...
-    def last_starts(self) -> dict[str, float]: ...
     def update_job(self, job_id: str, **fields: Any) -> None: ...
     def append_event(
         self, job_id: str, state: JobState, message: str, progress: dict | None = None
-    ) -> EventRecord: ...
+    ) -> EventRecord:
+        """Store a job's event, then hand it to the listener, if one was given."""
+        ...
+
+    def listen(self, listener: EventListener) -> None:
+        """Hand every event stored from now on to ``listener`` (its errors are logged)."""
+        ...
+
     def events_after(self, job_id: str, seq: int) -> list[EventRecord]: ...
     def add_adapter(self, rec: AdapterRecord) -> None: ...
     def list_adapters(self, tenant: str) -> list[AdapterRecord]: ...
@@ -167,14 +194,29 @@ _MIGRATIONS = (
 _JSON_FIELDS = {"config", "progress", "metrics", "report"}
 
 
+@contextmanager
+def _full_is_storage_full() -> Iterator[None]:
+    """SQLite's "database or disk is full" as the domain's ``StorageFull``."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            log.error("the job store is out of disk space: %s", e)
+            raise StorageFull("the service is out of disk space; try again later") from e
+        raise
+
+
 def _dumps(v: Any) -> str | None:
     return None if v is None else json.dumps(v)
 
 
 class SqliteStore:
-    """``Store`` on one SQLite file in WAL mode (readers never block the writer)."""
+    """``Store`` on one SQLite file in WAL mode (readers never block the writer). Writes
+    take SQLite's write lock for their whole transaction (``BEGIN IMMEDIATE``), so what
+    one checks and writes holds for every process on the file."""
 
     def __init__(self, path: Path) -> None:
+        self._on_event: EventListener | None = None
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
@@ -190,19 +232,23 @@ class SqliteStore:
     def close(self) -> None:
         self._db.close()
 
+    def listen(self, listener: EventListener) -> None:
+        self._on_event = listener
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, _full_is_storage_full():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite rolls back by itself on some errors
+                    self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
 
     def _rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, _full_is_storage_full():
             return self._db.execute(sql, args).fetchall()
 
     # ------------------------------------------------------------ datasets
@@ -289,7 +335,28 @@ class SqliteStore:
         return JobRecord(**d)
 
     def add_job(self, rec: JobRecord) -> None:
+        active = [st.value for st in JobState if not st.terminal]
+        marks = ",".join("?" * len(active))
         with self._tx() as db:
+            for job_id, name, state in db.execute(
+                f"SELECT id, adapter_name, state FROM jobs WHERE tenant=? AND state IN ({marks})",
+                (rec.tenant, *active),
+            ):
+                if fold(name) == fold(rec.adapter_name):
+                    raise AlreadyExists(
+                        f"adapter_name: job {job_id} for adapter {name!r} is {state}; "
+                        "wait for it or cancel it"
+                    )
+            # Served names differ by more than case: 'Secret' beside 'secret' would share a
+            # folder on a case-insensitive volume.
+            for (name,) in db.execute(
+                "SELECT DISTINCT name FROM adapters WHERE tenant=?", (rec.tenant,)
+            ):
+                if fold(name) == fold(rec.adapter_name) and name != rec.adapter_name:
+                    raise AlreadyExists(
+                        f"adapter_name: adapter {name!r} exists; names must differ by more "
+                        "than case"
+                    )
             db.execute(
                 "INSERT INTO jobs (id, tenant, base_model, dataset_id, dataset_sha256, "
                 "adapter_name, config, state, created_at, validation_dataset_id, "
@@ -310,6 +377,37 @@ class SqliteStore:
                 ),
             )
 
+    def claim_next(self) -> JobRecord | None:
+        queued = JobState.QUEUED.value
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT * FROM jobs WHERE state=? ORDER BY created_at, id", (queued,)
+            ).fetchall()
+            if not rows:
+                return None
+            last_start = dict(
+                db.execute(
+                    "SELECT tenant, MAX(started_at) FROM jobs WHERE started_at IS NOT NULL "
+                    "AND tenant IN (SELECT tenant FROM jobs WHERE state=?) GROUP BY tenant",
+                    (queued,),
+                ).fetchall()
+            )
+            first_of_tenant: dict[str, sqlite3.Row] = {}
+            for r in rows:  # oldest first
+                first_of_tenant.setdefault(r["tenant"], r)
+            row = min(
+                first_of_tenant.values(),
+                key=lambda r: (last_start.get(r["tenant"], 0.0), r["created_at"]),
+            )
+            job = self._job(row)
+            job.state = JobState.VALIDATING
+            job.started_at = job.started_at or time.time()
+            db.execute(
+                "UPDATE jobs SET state=?, started_at=? WHERE id=?",
+                (job.state.value, job.started_at, job.id),
+            )
+        return job
+
     def get_job(self, tenant: str | None, job_id: str) -> JobRecord | None:
         if tenant is None:
             rows = self._rows("SELECT * FROM jobs WHERE id=?", job_id)
@@ -328,14 +426,6 @@ class SqliteStore:
             *(s.value for s in states),
         )
         return [self._job(r) for r in rows]
-
-    def last_starts(self) -> dict[str, float]:
-        """Each tenant's latest job start (tenants with no job started yet left out)."""
-        rows = self._rows(
-            "SELECT tenant, MAX(started_at) AS t FROM jobs WHERE started_at IS NOT NULL "
-            "GROUP BY tenant"
-        )
-        return {r["tenant"]: r["t"] for r in rows}
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         cols, vals = [], []
@@ -358,7 +448,13 @@ class SqliteStore:
                 "INSERT INTO events VALUES (?,?,?,?,?,?)",
                 (job_id, seq, now, state.value, message, _dumps(progress)),
             )
-        return EventRecord(job_id, seq, now, state, message, progress)
+        ev = EventRecord(job_id, seq, now, state, message, progress)
+        if self._on_event is not None:
+            try:
+                self._on_event(ev)
+            except Exception:  # observing never breaks a job
+                log.exception("observing an event of job %s failed", job_id)
+        return ev
 
     def events_after(self, job_id: str, seq: int) -> list[EventRecord]:
         rows = self._rows("SELECT * FROM events WHERE job_id=? AND seq>? ORDER BY seq", job_id, seq)

@@ -1,0 +1,141 @@
+"""The job store keeps what must hold across processes, each in one transaction: the
+next job is claimed fairly and once, and an adapter name has one active job. Tested on
+the real SQLite file, from several processes at once."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainer.errors import AlreadyExists, StorageFull
+from trainer.store import AdapterRecord, JobRecord, JobState, SqliteStore
+
+
+def _job(store: SqliteStore, tenant: str, n: int, created: float, **fields: Any) -> str:
+    job_id = f"job-{tenant}-{n}"
+    store.add_job(
+        JobRecord(job_id, tenant, "tiny", "ds-1", "0" * 64, f"a{n}", {}, created_at=created)
+    )
+    if fields:
+        store.update_job(job_id, **fields)
+    return job_id
+
+
+def test_claims_are_fair_across_tenants_and_fifo_within_one(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "jobs.db")
+    ended = {"state": JobState.SUCCEEDED}
+    # acme last started a job at 200 and bolt at 100 (both jobs ended since); cato never;
+    # dana's queued job ran before a restart (started at 300) and waits to resume.
+    _job(store, "acme", 0, 0.0, started_at=200.0, **ended)
+    _job(store, "bolt", 0, 0.0, started_at=100.0, state=JobState.CANCELLED)
+    acme = _job(store, "acme", 1, 1.0)
+    acme2 = _job(store, "acme", 2, 1.5)
+    bolt = _job(store, "bolt", 1, 2.0)
+    cato = _job(store, "cato", 1, 3.0)
+    dana = _job(store, "dana", 1, 0.5, started_at=300.0)
+
+    claimed = []
+    while (job := store.claim_next()) is not None:
+        assert job.state is JobState.VALIDATING
+        assert store.get_job(None, job.id).state is JobState.VALIDATING  # off the queue
+        claimed.append(job)
+    # Never served first, then by latest start, an ended job's start counted (acme's 200
+    # waits behind bolt's 100 though acme's job is older). Each claim starts a job: acme's
+    # second waits behind dana (300), whose resumed job keeps its first start.
+    assert [j.id for j in claimed] == [cato, bolt, acme, dana, acme2]
+    assert next(j for j in claimed if j.id == dana).started_at == 300.0
+    assert all(j.started_at and j.started_at > 300.0 for j in claimed if j.id != dana)
+    store.close()
+
+
+def test_an_adapter_name_has_one_active_job_and_one_case(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "jobs.db")
+
+    def add(job_id: str, name: str) -> None:
+        store.add_job(JobRecord(job_id, "acme", "tiny", "ds-1", "0" * 64, name, {}))
+
+    add("job-1", "secret")
+    with pytest.raises(AlreadyExists, match="job job-1 for adapter 'secret' is QUEUED"):
+        add("job-2", "SECRET")
+    add("job-3", "other")  # another name, or another tenant's same name, is fine
+    store.add_job(JobRecord("job-4", "bolt", "tiny", "ds-1", "0" * 64, "secret", {}))
+    store.update_job("job-1", state=JobState.SUCCEEDED)
+    store.add_adapter(AdapterRecord("acme", "secret", "v0001", "job-1", "tiny", 0.0))
+    add("job-5", "secret")  # retraining an ended job's name
+    store.update_job("job-5", state=JobState.FAILED)
+    with pytest.raises(AlreadyExists, match="adapter 'secret' exists"):
+        add("job-6", "Secret")  # would share a folder on a case-insensitive volume
+    assert {j.id for j in store.list_jobs("acme")} == {"job-1", "job-3", "job-5"}
+    store.close()
+
+
+def _race_add(db: str, n: int, start: Any, out: Any) -> None:
+    store = SqliteStore(Path(db))
+    start.wait()
+    try:
+        store.add_job(JobRecord(f"job-{n}", "acme", "tiny", "ds-1", "0" * 64, "secret", {}))
+        out.put(n)
+    except AlreadyExists:
+        out.put(None)
+
+
+def _race_claim(db: str, start: Any, out: Any) -> None:
+    store = SqliteStore(Path(db))
+    start.wait()
+    while (job := store.claim_next()) is not None:
+        out.put(job.id)
+    out.put("done")
+
+
+def test_processes_racing_on_one_file_add_once_and_claim_once(tmp_path: Path) -> None:
+    """What an in-process lock could not give: the store's own transactions hold across
+    processes (several services on one volume, or workers on one database)."""
+    db = tmp_path / "jobs.db"
+    SqliteStore(db).close()
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_race_add, args=(str(db), n, start, out)) for n in range(6)]
+    for p in procs:
+        p.start()
+    start.set()
+    added = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert len([n for n in added if n is not None]) == 1, added
+
+    store = SqliteStore(db)
+    store.update_job(f"job-{next(n for n in added if n is not None)}", state=JobState.CANCELLED)
+    queued = {_job(store, f"t{n % 5}", n, float(n)) for n in range(40)}
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_race_claim, args=(str(db), start, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    claimed, done = [], 0
+    while done < len(procs):
+        item = out.get(timeout=60)
+        done += item == "done"
+        if item != "done":
+            claimed.append(item)
+    for p in procs:
+        p.join(60)
+    assert sorted(claimed) == sorted(queued)  # each claimed, none twice
+    store.close()
+
+
+def test_a_full_disk_is_storage_full(tmp_path: Path) -> None:
+    """The engine's "disk full" becomes the domain's StorageFull (RESOURCE_EXHAUSTED at
+    the edge), and what was stored before stays."""
+    store = SqliteStore(tmp_path / "jobs.db")
+    _job(store, "acme", 0, 0.0)
+    (pages,) = sqlite3.connect(tmp_path / "jobs.db").execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count={pages}")  # SQLite's own cap: SQLITE_FULL past it
+    with pytest.raises(StorageFull, match="out of disk space"):
+        for _ in range(2000):
+            store.append_event("job-acme-0", JobState.QUEUED, "x" * 4000)
+    assert store.get_job(None, "job-acme-0") is not None
+    store.close()
