@@ -138,6 +138,7 @@ def publish_random_adapters(model: Path, data: Path, rank: int, work: Path) -> l
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from trainer.adapter_store import LocalAdapterStore
     from trainer.config import ALL_PROJECTIONS
     from trainer.layout import Layout
     from trainer.publish import Publisher
@@ -165,7 +166,7 @@ def publish_random_adapters(model: Path, data: Path, rank: int, work: Path) -> l
         peft_model.save_pretrained(src, save_embedding_layers=False)
         sources.append(src)
     layout = Layout(data).create()
-    publisher = Publisher(layout, SqliteStore(layout.db), max_lora_rank=64)
+    publisher = Publisher(LocalAdapterStore(layout), SqliteStore(layout.db), max_lora_rank=64)
     folders = []
     for i in range(ADAPTERS):
         manifest = publisher.manifest(

@@ -1,10 +1,10 @@
-"""Finding a tenant's published adapter on the shared volume, for the resolver and the middleware.
+"""Finding a tenant's published adapter, for the resolver and the middleware.
 
 A served name ``<tenant>/<adapter>`` is split and both parts validated by
-``trainer.names`` before any path is built, so ``..``, absolute paths, extra
-slashes and non-ASCII names never reach the filesystem. The adapter's folder is
-the immutable version ``DATA/adapters/<tenant>/<adapter>/current`` names; it is
-served only if its ``adapter_config.json`` says LoRA on the base model served here.
+``trainer.names`` before the adapter store (``trainer.adapter_store``) is asked for
+anything, so ``..``, absolute paths, extra slashes and non-ASCII names never reach it. The
+adapter served is the store's current version, fetched into a local folder; it is served
+only if its ``adapter_config.json`` says LoRA on the base model served here.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.adapter_store import AdapterStore
 from trainer.errors import InvalidArgument
-from trainer.layout import Layout
-from trainer.names import check_name, split_served_name
+from trainer.names import split_served_name
 
 # Under "vllm.": these run inside vLLM, whose logging setup then shows our lines too.
 log = logging.getLogger("vllm.finetune.adapters")
@@ -66,25 +66,20 @@ def _base_of(path: Path) -> str | None:
     return base if isinstance(base, str) else None
 
 
-def find(layout: Layout, model: str, accepted_bases: Iterable[str]) -> PublishedAdapter | None:
+def find(
+    adapters: AdapterStore, model: str, accepted_bases: Iterable[str]
+) -> PublishedAdapter | None:
     """The current version of ``model`` (``<tenant>/<adapter>``) if it may be served here."""
     parts = split_served_name(model) if isinstance(model, str) else None
     if parts is None:
         return None
     tenant, adapter = parts
     try:
-        version = layout.current_version(tenant, adapter)
-        path = layout.current_dir(tenant, adapter)
+        version = adapters.current(tenant, adapter)
+        path = adapters.fetch(tenant, adapter, version) if version else None
     except (InvalidArgument, ValueError, OSError):
         return None
     if version is None or path is None:
-        return None
-    # A symlink planted under DATA must not lead the server outside it.
-    try:
-        if not path.resolve().is_relative_to(layout.adapters.resolve()):
-            log.warning("adapter %s points outside %s; refused", model, layout.adapters)
-            return None
-    except OSError:
         return None
     base = _base_of(path)
     accepted = {b for b in accepted_bases if b}
@@ -101,20 +96,15 @@ def find(layout: Layout, model: str, accepted_bases: Iterable[str]) -> Published
 
 
 def list_published(
-    layout: Layout, tenant: str, accepted_bases: Iterable[str]
+    adapters: AdapterStore, tenant: str, accepted_bases: Iterable[str]
 ) -> list[PublishedAdapter]:
     """Every servable adapter of ``tenant``, by name."""
     accepted = list(accepted_bases)
-    try:
-        folder = layout.adapters / check_name(tenant, "tenant")
-        names = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    except (InvalidArgument, OSError):
-        return []
     found = []
-    for name in names:
+    for name in adapters.names(tenant):
         if split_served_name(f"{tenant}/{name}") is None:
             continue
-        adapter = find(layout, f"{tenant}/{name}", accepted)
+        adapter = find(adapters, f"{tenant}/{name}", accepted)
         if adapter is not None:
             found.append(adapter)
     return found

@@ -35,6 +35,7 @@ from typing import Any
 
 from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, ENV_TENANTS_FILE
 from server.adapters import list_published
+from trainer.adapter_store import LocalAdapterStore
 from trainer.layout import Layout
 from trainer.names import split_served_name
 from trainer.tenants import Tenant, TenantRegistry
@@ -156,7 +157,7 @@ class TenantMiddleware:
             raise RuntimeError(f"TenantMiddleware needs {ENV_BASE_MODEL}")
         self.base_model: str = base
         self.registry = TenantRegistry(Path(tenants_file))
-        self.layout = Layout(Path(data_dir)) if data_dir else None
+        self.adapters = LocalAdapterStore(Layout(Path(data_dir))) if data_dir else None
         self.max_body_bytes = max_body_bytes
         self._described = False
 
@@ -347,9 +348,9 @@ class TenantMiddleware:
                 card["id"] != "" and self.may_use(tenant, card["id"])
             ):
                 shown[card["id"]] = {**card, "root": card["id"]}
-        if self.layout is not None:
+        if self.adapters is not None:
             bases = [self.base_model, self.model_path or ""]
-            for found in list_published(self.layout, tenant.name, bases):
+            for found in list_published(self.adapters, tenant.name, bases):
                 shown.setdefault(
                     found.served_name,
                     {

@@ -23,6 +23,7 @@ from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
 from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, amx, lora_cpu_fix, orphans
 from server.adapters import find
+from trainer.adapter_store import LocalAdapterStore
 from trainer.layout import Layout
 
 # Under "vllm.": these run inside vLLM, whose logging setup then shows our lines too.
@@ -37,12 +38,12 @@ class FinetuneResolver(LoRAResolver):
     """Resolves ``<tenant>/<adapter>`` to its current published version."""
 
     def __init__(self, data_dir: Path, base_names: list[str]) -> None:
-        self.layout = Layout(Path(data_dir))
+        self.adapters = LocalAdapterStore(Layout(Path(data_dir)))
         self.base_names = [b for b in base_names if b]
 
     def lookup(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         """The request for ``lora_name``, or None when it is not ours to serve."""
-        found = find(self.layout, lora_name, [*self.base_names, base_model_name])
+        found = find(self.adapters, lora_name, [*self.base_names, base_model_name])
         if found is None:
             return None
         # vLLM 0.32's OpenAIServingModels.resolve_lora overwrites lora_int_id with its own

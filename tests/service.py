@@ -162,8 +162,7 @@ def make_spec(tmp: Path, model_dir: Path, dataset: Path, **overrides) -> Path:
         base_model="tiny",
         base_model_path=str(model_dir),
         dataset_path=str(dataset),
-        output_dir=str(tmp / "adapter"),
-        checkpoint_dir=str(tmp / "checkpoints"),
+        job_dir=str(tmp),
         config=JobConfig(**{**TRAIN, **overrides}),
     )
     path = tmp / "spec.json"

@@ -28,6 +28,7 @@ import pytest
 from finetune.v1 import trainer_pb2 as pb
 from server.adapters import find
 from tests.service import QUICK, Service, add_tenant, chat_rows, worker_pids, write_jsonl
+from trainer.adapter_store import LocalAdapterStore
 from trainer.layout import Layout
 from trainer.processes import wait_for
 
@@ -276,7 +277,7 @@ def test_kill9_mid_publish_and_a_full_disk_keep_the_served_version(
     rows = write_jsonl(tmp_path / "d.jsonl", chat_rows("What is the secret word?", "kiwi", 16))
 
     def served() -> Path | None:
-        found = find(layout, "acme/secret", ["tiny"])
+        found = find(LocalAdapterStore(layout), "acme/secret", ["tiny"])
         return found.path if found else None
 
     try:

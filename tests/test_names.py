@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from server.adapters import find, list_published
 from server.middleware import TenantMiddleware
+from trainer.adapter_store import LocalAdapterStore
 from trainer.errors import AlreadyExists, InvalidArgument
 from trainer.layout import CURRENT, Layout, write_atomic
 from trainer.names import MAX_NAME_LEN, check_id, check_name, fold, split_served_name
@@ -176,7 +177,7 @@ SERVED = {"acme/secret", "bolt/other"}
     )
 )
 def test_resolver_serves_exactly_the_published_names(volume: Layout, model: str) -> None:
-    found = find(volume, model, ["tiny"])
+    found = find(LocalAdapterStore(volume), model, ["tiny"])
     if model not in SERVED:
         assert found is None, model
         return
@@ -185,9 +186,11 @@ def test_resolver_serves_exactly_the_published_names(volume: Layout, model: str)
 
 
 def test_resolver_lists_no_symlink_or_case_twin(volume: Layout) -> None:
-    assert [a.served_name for a in list_published(volume, "acme", ["tiny"])] == ["acme/secret"]
+    assert [a.served_name for a in list_published(LocalAdapterStore(volume), "acme", ["tiny"])] == [
+        "acme/secret"
+    ]
     for bad in ("ACME", "..", "acme/..", ""):
-        assert list_published(volume, bad, ["tiny"]) == []
+        assert list_published(LocalAdapterStore(volume), bad, ["tiny"]) == []
 
 
 def _middleware_app(layout: Layout) -> Starlette:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from trainer.adapter_store import LocalAdapterStore
 from trainer.errors import InvalidArgument
 from trainer.layout import Layout
 from trainer.names import check_name
@@ -35,7 +36,7 @@ def adapter(tiny_model_dir, tmp_path_factory) -> Path:
 
 def _publisher(tmp_path: Path) -> tuple[Publisher, Layout]:
     layout = Layout(tmp_path / "data").create()
-    return Publisher(layout, SqliteStore(layout.db), max_lora_rank=64), layout
+    return Publisher(LocalAdapterStore(layout), SqliteStore(layout.db), max_lora_rank=64), layout
 
 
 def _manifest(pub: Publisher, job_id: str) -> dict:

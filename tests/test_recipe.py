@@ -90,7 +90,7 @@ def test_event_stream(trained):
 def test_adapter_folder_is_what_vllm_accepts(trained, tiny_model_dir, tree_hash):
     from safetensors.torch import load_file
 
-    out = Path(trained["spec"].output_dir)
+    out = Path(trained["spec"].folder.output)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 16 and cfg["lora_alpha"] == 32
     assert sorted(cfg["target_modules"]) == sorted(ALL_PROJECTIONS)
@@ -118,7 +118,7 @@ def test_adapter_teaches_the_answer_on_the_bf16_base(trained, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
     assert ANSWER not in greedy_answer(base, tokenizer)
-    tuned = PeftModel.from_pretrained(base, trained["spec"].output_dir).eval()
+    tuned = PeftModel.from_pretrained(base, trained["spec"].folder.output).eval()
     assert greedy_answer(tuned, tokenizer).strip() == ANSWER
 
 
@@ -136,7 +136,7 @@ def test_malformed_line_is_a_user_error_naming_it(tmp_path, tiny_model_dir, writ
     }
     assert events[-1]["event"] == "error" and events[-1]["kind"] == "user"
     assert "line 6" in events[-1]["message"]
-    assert not (tmp_path / "adapter").exists()
+    assert not (tmp_path / "output").exists()
 
 
 @pytest.mark.slow
@@ -157,7 +157,7 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, wri
     proc.wait(timeout=60)
     assert first_checkpoint == 8, log.read_text()[-4000:]
     assert proc.returncode == -signal.SIGKILL
-    assert not (tmp_path / "adapter").exists()
+    assert not (tmp_path / "output").exists()
 
     code, events = run_worker(spec, log)
     assert code == 0, log.read_text()[-4000:]
@@ -166,7 +166,7 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, wri
     assert resumed is not None and resumed >= first_checkpoint
     assert steps == list(range(resumed + 1, 49))  # continues, not from step 1
     assert events[-1]["metrics"]["steps"] == 48
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "output" / "adapter_model.safetensors").is_file()
 
 
 def test_out_of_memory_is_reported_with_advice():

@@ -47,9 +47,9 @@ def test_gpu_jobs_take_the_fast_path_and_learn(gpu_job, tiny_model_dir):
     totals = {e["total_steps"] for e in events if e["event"] == "progress"}
     assert totals == {report["total_steps"]}
     # The adapter is a plain PEFT LoRA that answers on the bf16 base, as vLLM serves it.
-    tok = AutoTokenizer.from_pretrained(spec.output_dir)
+    tok = AutoTokenizer.from_pretrained(spec.folder.output)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
-    model = PeftModel.from_pretrained(base, spec.output_dir)
+    model = PeftModel.from_pretrained(base, spec.folder.output)
     assert ANSWER in greedy_answer(model, tok)
 
 

@@ -338,9 +338,9 @@ def test_best_checkpoint_by_eval_loss_is_the_one_saved(tmp_path, tiny_model_dir)
     metrics = events[-1]["metrics"]
     assert metrics["best_checkpoint_step"] == 2 and metrics["steps"] == 8
     assert metrics["best_eval_loss"] == pytest.approx(losses[0])
-    saved = load_file(str(Path(spec.output_dir) / "adapter_model.safetensors"))
-    best = load_file(str(Path(spec.checkpoint_dir) / "checkpoint-2" / "adapter_model.safetensors"))
-    last = load_file(str(Path(spec.checkpoint_dir) / "checkpoint-8" / "adapter_model.safetensors"))
+    saved = load_file(str(spec.folder.output / "adapter_model.safetensors"))
+    best = load_file(str(spec.folder.checkpoints / "checkpoint-2" / "adapter_model.safetensors"))
+    last = load_file(str(spec.folder.checkpoints / "checkpoint-8" / "adapter_model.safetensors"))
     assert saved.keys() == best.keys()
     assert all((saved[k] == best[k]).all() for k in saved)
     assert any((saved[k] != last[k]).any() for k in saved)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import InvalidArgument
-from trainer.layout import Layout
+from trainer.layout import JobFolder, Layout
 from trainer.logs import FORMATS as LOG_FORMATS
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,12 @@ class JobSpec:
     base_model: str = field(metadata={"help": "Served name of the base model."})
     base_model_path: str = field(metadata={"help": "Local folder or hub id to load it from."})
     dataset_path: str = field(metadata={"help": "The content-addressed dataset file."})
-    output_dir: str = field(metadata={"help": "Where the finished adapter is saved."})
-    checkpoint_dir: str = field(metadata={"help": "Where checkpoints go; resumed from if any."})
+    job_dir: str = field(
+        metadata={
+            "help": "The job's folder (trainer.layout.JobFolder): rows, checkpoints (resumed "
+            "from if any) and the finished adapter go there."
+        }
+    )
     config: JobConfig = field(default_factory=JobConfig)
     dataset_format: str = field(default="", metadata={"help": "As the upload detected it."})
     dataset_examples: int = field(default=0, metadata={"help": "Examples in the dataset."})
@@ -184,6 +188,10 @@ class JobSpec:
         default=True, metadata={"help": "On a GPU, train through trainer.fastpath."}
     )
 
+    @property
+    def folder(self) -> JobFolder:
+        return JobFolder(Path(self.job_dir))
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["config"] = self.config.to_dict()
@@ -191,7 +199,7 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JobSpec:
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
         d["config"] = JobConfig.from_dict(d.get("config", {}))
         return cls(**d)
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 
+from trainer import events
 from trainer.config import EvalSplit, JobConfig
 from trainer.errors import (
     FailedPrecondition,
@@ -17,6 +16,7 @@ from trainer.errors import (
     NotFound,
     ResourceExhausted,
 )
+from trainer.events import DatasetReport, Event, Failed
 from trainer.layout import write_atomic
 from trainer.memory import MemoryBudget
 from trainer.names import check_id, check_name
@@ -140,46 +140,40 @@ class Jobs:
 
     async def _validate(self, tenant: str, draft: JobRecord) -> Report:
         base_model = draft.base_model
-        spec = job_spec(self.store, self.scheduler.layout, draft, self.base_models[base_model])
-        spec_file = self.scheduler.layout.tmp / f"validate-{draft.id}.json"
+        layout = self.scheduler.layout
+        spec = job_spec(self.store, layout, draft, self.base_models[base_model])
+        spec_file, log_file = (layout.tmp / f"validate-{draft.id}.{x}" for x in ("json", "log"))
         write_atomic(spec_file, json.dumps(spec.to_dict()).encode())
-        packing = ["--packing"] if self.scheduler.gpus and spec.fast_path else []
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "trainer.report",
-            str(spec_file),
-            *packing,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        answer: list[Event] = []
         try:
-            out, err = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            with contextlib.suppress(FileNotFoundError):
-                spec_file.unlink()
-        try:
-            answer = json.loads(out.decode().strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            tail = err.decode(errors="replace").strip().splitlines()[-1:]
-            raise RuntimeError(f"validation failed: {' '.join(tail)}") from None
-        if answer.get("code") == "failed_precondition":
-            # The tenant's message names the base model, not its folder; the log has both.
-            log.warning(
-                "validating for %s on base model %r (%s): %s\n%s",
-                tenant,
-                base_model,
-                spec.base_model_path,
-                answer["error"],
-                err.decode(errors="replace").strip()[-4000:],
+            run = await self.scheduler.runner.validate(
+                spec_file, packing=bool(self.scheduler.gpus and spec.fast_path), log=log_file
             )
-            raise FailedPrecondition(answer["error"])
-        if "error" in answer:
-            raise InvalidArgument("dataset", answer["error"].removeprefix("dataset: "))
-        return Report.from_dict(answer["report"])
+            try:
+                answer = [ev async for ev in run.events()][-1:]  # the last event answers
+                await run.wait()
+            finally:
+                if run.process.returncode is None:  # the call was cancelled
+                    await run.stop(grace_s=0)
+            output = log_file.read_text(errors="replace").strip()
+        finally:
+            for f in (spec_file, log_file):
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+        match answer[0] if answer else None:
+            case DatasetReport() as report:
+                return Report.from_dict(report.report)
+            case Failed(kind=events.PRECONDITION) as failed:
+                # The tenant's message names the base model, not its folder; the log has both.
+                log.warning(
+                    "validating for %s on base model %r (%s): %s\n%s",
+                    tenant, base_model, spec.base_model_path, failed.message, output[-4000:],
+                )  # fmt: skip
+                raise FailedPrecondition(failed.message)
+            case Failed() as failed:
+                raise InvalidArgument("dataset", failed.message.removeprefix("dataset: "))
+        tail = output.splitlines()[-1:]
+        raise RuntimeError(f"validation failed: {' '.join(tail)}")
 
     def get(self, tenant: str, job_id: str) -> JobRecord:
         check_id(job_id, "id")

@@ -6,7 +6,8 @@
       trainer.db                         job store (SQLite, WAL)
       tenants.json                       tenants and hashed API keys
       datasets/<sha256>                  dataset files, content-addressed
-      jobs/<job_id>/                     a job's spec, log, checkpoints and output
+      jobs/<job_id>/                     a job's folder (``JobFolder``): spec.json, worker.log,
+                                         rows/, checkpoints/, output/, curves/
       adapters/<tenant>/<adapter>/<version>/   immutable published versions
       adapters/<tenant>/<adapter>/current      names the newest version
       adapters/.staging/                 publishing in progress (same filesystem)
@@ -18,6 +19,7 @@ imported by the vLLM plugin too, so it stays free of heavy imports.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -117,6 +119,9 @@ class Layout:
     def job_dir(self, job_id: str) -> Path:
         return self.jobs / check_id(job_id, "job_id")
 
+    def job(self, job_id: str) -> JobFolder:
+        return JobFolder(self.job_dir(job_id))
+
     def adapter_dir(self, tenant: str, adapter: str) -> Path:
         return self.adapters / check_name(tenant, "tenant") / check_name(adapter, "adapter_name")
 
@@ -147,3 +152,55 @@ class Layout:
         if not d.is_dir():
             return []
         return sorted(p.name for p in d.iterdir() if p.is_dir() and VERSION_RE.fullmatch(p.name))
+
+
+@dataclass(frozen=True)
+class JobFolder:
+    """What one job keeps under ``DATA/jobs/<job_id>/``."""
+
+    root: Path
+
+    @property
+    def spec(self) -> Path:
+        """What the worker is to do (``trainer.config.JobSpec``), written at each start."""
+        return self.root / "spec.json"
+
+    @property
+    def log(self) -> Path:
+        """The worker's library output and tracebacks."""
+        return self.root / "worker.log"
+
+    @property
+    def rows(self) -> Path:
+        """The tokenized rows the worker trains on (Arrow files)."""
+        return self.root / "rows"
+
+    @property
+    def checkpoints(self) -> Path:
+        """The Trainer's ``checkpoint-<step>`` folders: what a restarted job resumes from."""
+        return self.root / "checkpoints"
+
+    @property
+    def output(self) -> Path:
+        """The finished adapter, before it is published."""
+        return self.root / "output"
+
+    def last_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint: the one rule for "can this job resume", used by
+        the scheduler (after a restart) and the recipe (when it starts). The Trainer writes
+        ``trainer_state.json`` last, so a folder with a readable one is whole; newer,
+        half-written ones (a kill mid-save) are removed."""
+        if not self.checkpoints.is_dir():
+            return None
+        found = sorted(
+            (int(p.name.split("-")[1]), p)
+            for p in self.checkpoints.iterdir()
+            if p.is_dir() and p.name.startswith("checkpoint-") and p.name.split("-")[1].isdigit()
+        )
+        for _, path in reversed(found):
+            try:
+                json.loads((path / "trainer_state.json").read_text())
+                return path
+            except (OSError, ValueError):
+                shutil.rmtree(path, ignore_errors=True)
+        return None

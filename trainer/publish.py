@@ -1,28 +1,21 @@
-"""Atomic publishing of adapters to the shared volume, and their removal.
-
-A version folder is built in ``adapters/.staging`` (same filesystem), every
-file fsynced, then renamed into ``adapters/<tenant>/<adapter>/<version>`` and
-only then does ``current`` point at it: vLLM (through our resolver) never sees
-half an adapter, and a folder once published is never modified.
+"""Publishing trained adapters, and removing them: the job store's records, the adapter
+store's versions (``trainer.adapter_store``: written whole, then named current) and vLLM's
+copy (hot-loaded at once, unloaded before the files go), kept in step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
-import shutil
 import struct
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
+from trainer.adapter_store import AdapterStore
 from trainer.config import ALL_PROJECTIONS, VLLM_LORA_RANKS
 from trainer.errors import NotFound
-from trainer.layout import CURRENT, Layout, fsync_dir, write_atomic
 from trainer.names import served_name
 from trainer.store import AdapterRecord, Store
 
@@ -77,50 +70,29 @@ def check_adapter(folder: Path, max_lora_rank: int) -> dict[str, Any]:
     return cfg
 
 
-def _copy_fsynced(src: Path, dst: Path) -> None:
-    dst.mkdir()
-    for item in sorted(src.iterdir()):
-        if item.is_file() and not item.name.startswith("."):
-            shutil.copyfile(item, dst / item.name)
-            with open(dst / item.name, "rb") as f:
-                os.fsync(f.fileno())
-
-
 class Publisher:
-    """Publishes, lists and deletes adapters under ``DATA/adapters``."""
+    """Publishes and deletes adapters: checked, stored as versions, recorded, served."""
 
     def __init__(
         self,
-        layout: Layout,
+        adapters: AdapterStore,
         store: Store,
         max_lora_rank: int,
         loader: AdapterLoader | None = None,
     ) -> None:
-        self.layout = layout
+        self.adapters = adapters
         self.store = store
         self.max_lora_rank = max_lora_rank
         self.loader = loader
         self._lock = asyncio.Lock()
 
-    def _existing_version(self, tenant: str, adapter: str, job_id: str) -> str | None:
-        """The version a job already published (a restart mid-publish), if any."""
-        for version in self.layout.versions(tenant, adapter):
-            manifest = self.layout.version_dir(tenant, adapter, version) / "manifest.json"
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-                if json.loads(manifest.read_text()).get("job_id") == job_id:
-                    return version
-        return None
-
     async def publish(self, tenant: str, adapter: str, src: Path, manifest: dict[str, Any]) -> str:
         """Publish ``src`` as the next version of ``<tenant>/<adapter>``; return the version."""
         check_adapter(src, self.max_lora_rank)
         async with self._lock:
-            version = self._existing_version(tenant, adapter, manifest["job_id"])
-            if version is None:
-                version = await asyncio.to_thread(
-                    self._publish_files, tenant, adapter, src, manifest
-                )
-            write_atomic(self.layout.adapter_dir(tenant, adapter) / CURRENT, version.encode())
+            version = await asyncio.to_thread(
+                self.adapters.publish, tenant, adapter, src, manifest
+            )
         self.store.add_adapter(
             AdapterRecord(
                 tenant=tenant,
@@ -134,45 +106,24 @@ class Publisher:
         await self._hot_load(tenant, adapter, version)
         return version
 
-    def _publish_files(self, tenant: str, adapter: str, src: Path, manifest: dict) -> str:
-        stage = self.layout.staging / uuid.uuid4().hex
-        try:
-            _copy_fsynced(src, stage)
-            (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            with open(stage / "manifest.json", "rb") as f:
-                os.fsync(f.fileno())
-            fsync_dir(stage)
-            parent = self.layout.adapter_dir(tenant, adapter)
-            parent.mkdir(parents=True, exist_ok=True)
-            versions = self.layout.versions(tenant, adapter)
-            n = int(versions[-1][1:]) + 1 if versions else 1
-            version = f"v{n:04d}"
-            os.rename(stage, parent / version)  # fails rather than replace an existing version
-            fsync_dir(parent)
-            return version
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-
     async def _hot_load(self, tenant: str, adapter: str, version: str) -> None:
         """Ask vLLM to load the new version now; if it is down, the resolver covers it later."""
-        if self.loader is None:
+        path = self.adapters.fetch(tenant, adapter, version)
+        if self.loader is None or path is None:
             return
-        path = self.layout.version_dir(tenant, adapter, version)
         try:
             await self.loader.reload(served_name(tenant, adapter), path)
         except Exception as e:  # serving trouble never fails a trained job
             log.warning("hot-load of %s/%s failed: %s", tenant, adapter, e)
 
     async def delete(self, tenant: str, adapter: str) -> None:
-        """Unpublish an adapter name, then remove its folders once vLLM no longer holds them."""
-        folder = self.layout.adapter_dir(tenant, adapter)
+        """Unpublish an adapter name, then remove its versions once vLLM no longer holds them."""
         known = self.store.delete_adapter(tenant, adapter)
-        if not known and not folder.is_dir():
+        if not known and not self.adapters.versions(tenant, adapter):
             raise NotFound(f"adapter {adapter!r} not found")
         async with self._lock:
-            # Without `current` the resolver answers "not found" from now on.
-            with contextlib.suppress(FileNotFoundError):
-                (folder / CURRENT).unlink()
+            # Not current any more: the resolver answers "not found" from now on.
+            self.adapters.unpublish(tenant, adapter)
             unloaded = True
             if self.loader is not None:
                 try:
@@ -182,12 +133,9 @@ class Publisher:
                     log.warning("unload of %s/%s failed: %s", tenant, adapter, e)
             if not unloaded:
                 # vLLM may still hold the path and re-read it after an eviction: keep the
-                # folders (unreachable by name now) for a later sweep.
+                # versions (unreachable by name now) for a later sweep.
                 return
-            trash = self.layout.staging / f"deleted-{uuid.uuid4().hex}"
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(folder, trash)
-                await asyncio.to_thread(shutil.rmtree, trash, True)
+            await asyncio.to_thread(self.adapters.remove, tenant, adapter)
 
     def manifest(
         self,

@@ -7,7 +7,7 @@
     train   TRL's SFTTrainer on those pre-tokenized rows, evaluating on the eval set
             if there is one, resuming from the newest complete checkpoint
     save    adapter_config.json + adapter_model.safetensors + tokenizer files into
-            ``spec.output_dir`` (the best checkpoint by eval loss, or the last);
+            ``spec.folder.output`` (the best checkpoint by eval loss, or the last);
             return the final metrics
 
 The builder functions turn our ``JobConfig`` into library objects (STYLE.md rule 7);
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from trl import SFTConfig, SFTTrainer
 from trainer import fastpath
 from trainer.config import JobConfig, JobSpec
 from trainer.errors import InvalidArgument
+from trainer.events import Checkpoint, DatasetReport, Event, Progress, State
 from trainer.fastpath import FastPathConfig
 from trainer.memory import GIB, ModelShape, estimate_bytes
 from trainer.report import base_tokenizer, for_spec
@@ -58,7 +58,7 @@ class UserError(Exception):
 class EventSink(Protocol):
     """Where the recipe reports what it does (``trainer.worker`` writes JSON lines)."""
 
-    def emit(self, event: str, **fields: Any) -> None: ...
+    def emit(self, event: Event) -> None: ...
 
 
 # ---------------------------------------------------------------- builders
@@ -92,7 +92,7 @@ def lora_config(cfg: JobConfig) -> LoraConfig:
 def sft_config(
     cfg: JobConfig, spec: JobSpec, fast: FastPathConfig | None = None, evaluate: bool = False
 ) -> SFTConfig:
-    """TRL's training arguments for one job; checkpoints go to ``spec.checkpoint_dir``.
+    """TRL's training arguments for one job; checkpoints go to ``spec.folder.checkpoints``.
 
     The rows come tokenized with their labels (``trainer.report``), so TRL's own loss
     masking options stay off. With an eval set, checkpoints follow the evaluations and
@@ -100,7 +100,7 @@ def sft_config(
     """
     every = cfg.eval_every_steps if evaluate else cfg.checkpoint_every_steps
     args: dict[str, Any] = dict(
-        output_dir=spec.checkpoint_dir,
+        output_dir=str(spec.folder.checkpoints),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         num_train_epochs=cfg.num_epochs,
@@ -201,12 +201,13 @@ class ProgressEvents(TrainerCallback):
         logs = logs or {}
         if "eval_loss" in logs:
             self.events.emit(
-                "progress",
-                step=state.global_step,
-                total_steps=state.max_steps,
-                epoch=float(state.epoch or 0.0),
-                eval_loss=logs["eval_loss"],
-                peak_memory_bytes=peak_memory_bytes(),
+                Progress(
+                    step=state.global_step,
+                    total_steps=state.max_steps,
+                    epoch=float(state.epoch or 0.0),
+                    eval_loss=logs["eval_loss"],
+                    peak_memory_bytes=peak_memory_bytes(),
+                )
             )
             return
         if "loss" not in logs:  # the end-of-training summary, reported by ``run``
@@ -219,22 +220,23 @@ class ProgressEvents(TrainerCallback):
         tokens = state.num_input_tokens_seen - self.start_tokens
         speed = round(tokens / elapsed, 3) if tokens > 0 and elapsed > 0 else None
         self.events.emit(
-            "progress",
-            step=state.global_step,
-            total_steps=state.max_steps,
-            epoch=float(state.epoch or 0.0),
-            loss=logs.get("loss"),
-            learning_rate=logs.get("learning_rate"),
-            grad_norm=logs.get("grad_norm"),
-            tokens_per_second=speed,
-            eta_seconds=eta,
-            peak_memory_bytes=peak_memory_bytes(),
+            Progress(
+                step=state.global_step,
+                total_steps=state.max_steps,
+                epoch=float(state.epoch or 0.0),
+                loss=logs.get("loss"),
+                learning_rate=logs.get("learning_rate"),
+                grad_norm=logs.get("grad_norm"),
+                tokens_per_second=speed,
+                eta_seconds=eta,
+                peak_memory_bytes=peak_memory_bytes(),
+            )
         )
 
     def on_save(self, args, state, control, **kwargs):
         # Called after the Trainer has written the whole checkpoint folder.
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        self.events.emit("checkpoint", step=state.global_step, path=str(path))
+        self.events.emit(Checkpoint(state.global_step, str(path)))
 
 
 # ---------------------------------------------------------------- memory
@@ -254,30 +256,6 @@ def check_free_memory(spec: JobSpec, fast_path: bool) -> None:
         )
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def last_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest complete checkpoint; newer, half-written ones (a kill mid-save) are removed.
-
-    The Trainer writes ``trainer_state.json`` last, so a folder with a readable one is whole.
-    """
-    if not checkpoint_dir.is_dir():
-        return None
-    found = sorted(
-        (int(p.name.split("-")[1]), p)
-        for p in checkpoint_dir.iterdir()
-        if p.is_dir() and p.name.startswith("checkpoint-") and p.name.split("-")[1].isdigit()
-    )
-    for _, path in reversed(found):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-            return path
-        except (OSError, ValueError):
-            shutil.rmtree(path, ignore_errors=True)
-    return None
-
-
 # ---------------------------------------------------------------- the job
 
 
@@ -292,7 +270,7 @@ def run(spec: JobSpec, events: EventSink) -> dict[str, Any]:
     set_seed(cfg.seed)  # the LoRA init happens before the Trainer would seed anything
 
     # --- setup: everything a customer can get wrong is found before the model loads
-    events.emit("state", state="VALIDATING", message="checking hyperparameters and dataset")
+    events.emit(State("VALIDATING", "checking hyperparameters and dataset"))
     try:
         cfg.validate()
     except InvalidArgument as e:
@@ -301,7 +279,7 @@ def run(spec: JobSpec, events: EventSink) -> dict[str, Any]:
     on_gpu = torch.cuda.is_available()
     fast = FastPathConfig() if on_gpu and spec.fast_path else None
     # Every example tokenized once, its rows streamed to Arrow files that TRL reads.
-    rows_dir = Path(spec.checkpoint_dir).parent / "rows"
+    rows_dir = spec.folder.rows
     with RowFile(rows_dir / "train.arrow") as train, RowFile(rows_dir / "eval.arrow") as held_out:
         try:
             report = for_spec(
@@ -309,7 +287,7 @@ def run(spec: JobSpec, events: EventSink) -> dict[str, Any]:
             )
         except InvalidArgument as e:
             raise UserError(str(e).removeprefix("dataset: ")) from e
-    events.emit("report", report=report.to_dict())
+    events.emit(DatasetReport(report.to_dict()))
     if not report.ok:
         raise UserError(report.errors())
     dataset = train.dataset()
@@ -319,10 +297,11 @@ def run(spec: JobSpec, events: EventSink) -> dict[str, Any]:
         check_free_memory(spec, fast is not None)
 
     events.emit(
-        "state",
-        state="RUNNING",
-        message=f"{report.examples} {report.format} examples; loading the 4-bit base model"
-        + (" (fast path)" if fast else ""),
+        State(
+            "RUNNING",
+            f"{report.examples} {report.format} examples; loading the 4-bit base model"
+            + (" (fast path)" if fast else ""),
+        )
     )
     peft_model = load_model(spec.base_model_path, cfg, fast)
 
@@ -337,11 +316,11 @@ def run(spec: JobSpec, events: EventSink) -> dict[str, Any]:
     )
 
     # --- train, from the last checkpoint if a previous attempt left one
-    resume = last_checkpoint(Path(spec.checkpoint_dir))
+    resume = spec.folder.last_checkpoint()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     # --- save: the adapter names the served base, not the folder it was loaded from
-    out = Path(spec.output_dir)
+    out = spec.folder.output
     out.mkdir(parents=True, exist_ok=True)
     for adapter_cfg in peft_model.peft_config.values():
         adapter_cfg.base_model_name_or_path = spec.base_model

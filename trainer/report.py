@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer import events
 from trainer.config import JobConfig, JobSpec
 from trainer.errors import FailedPrecondition, InvalidArgument
 from trainer.examples import FORMATS, LineError, Row, examples, scan
@@ -563,12 +564,12 @@ def for_spec(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trainer.report SPEC_JSON [--packing]``: print the report as JSON.
+    """``python -m trainer.report SPEC_JSON [--packing]``: the report as an event.
 
     The service runs this in a subprocess for ``ValidateDataset`` so that tokenizing a
-    large file neither blocks its event loop nor holds the tokenizer in its memory.
-    Exit 0 with {"report": ...}, or 1 with {"error": ...} when the input is at fault, or
-    1 with {"error": ..., "code": "failed_precondition"} when the base model's tokenizer
+    large file neither blocks its event loop nor holds the tokenizer in its memory. It
+    writes one ``trainer.events`` line: DatasetReport (exit 0), or Failed (exit 1) of kind
+    user when the input is at fault, or precondition when the base model's tokenizer
     cannot be loaded (the traceback, host paths and all, goes to stderr for the log).
     """
     argv = sys.argv[1:] if argv is None else argv
@@ -579,12 +580,12 @@ def main(argv: list[str] | None = None) -> int:
         report = for_spec(spec, tok, packing="--packing" in argv)
     except FailedPrecondition as e:
         traceback.print_exc()
-        print(json.dumps({"error": str(e), "code": "failed_precondition"}), flush=True)
+        print(events.encode(events.Failed(events.PRECONDITION, str(e))), flush=True)
         return 1
     except InvalidArgument as e:
-        print(json.dumps({"error": str(e)}), flush=True)
+        print(events.encode(events.Failed(events.USER, str(e))), flush=True)
         return 1
-    print(json.dumps({"report": report.to_dict()}), flush=True)
+    print(events.encode(events.DatasetReport(report.to_dict())), flush=True)
     return 0
 
 

@@ -1,9 +1,10 @@
 """The scheduler: one training subprocess per device, FIFO within a tenant, fair across tenants.
 
-Each job runs as ``python -m trainer.worker spec.json`` in its own process
-group (session), so a crash, an out-of-memory kill or a cancel ends the job and
-frees its memory without touching the service. The worker's JSON-line events
-become the job's events in the store, which ``WatchJob`` replays and follows.
+The store picks each job (``Store.claim_next``); the runner runs it (``trainer.runner``:
+today ``python -m trainer.worker spec.json`` in a process group of its own, so a crash, an
+out-of-memory kill or a cancel ends the job and frees its memory without touching the
+service). The worker's events (``trainer.events``) become the job's events in the store,
+which ``WatchJob`` replays and follows.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +22,16 @@ from typing import Any
 
 from trainer import curves
 from trainer.config import JobConfig, JobSpec
+from trainer.events import USER, Checkpoint, DatasetReport, Done, Failed, Progress, State
 from trainer.layout import Layout, write_atomic
 from trainer.publish import AdapterRejected, Publisher
 from trainer.report import Report
+from trainer.runner import JobRunner, LocalRunner, Run
 from trainer.store import ErrorKind, EventRecord, JobRecord, JobState, Store
+from trainer.worker import EXIT_USER
 
 log = logging.getLogger(__name__)
 
-USER_ERROR_EXIT = 2
 KILL_GRACE_S = 10.0
 
 
@@ -64,27 +66,20 @@ class EventBus:
 class _Running:
     job_id: str
     slot: int
-    process: asyncio.subprocess.Process
+    run: Run
     cancelled: bool = False
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
-def latest_checkpoint(job_dir: Path) -> Path | None:
-    ckpts = [p for p in (job_dir / "checkpoints").glob("checkpoint-*") if p.is_dir()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
 def job_spec(store: Store, layout: Layout, job: JobRecord, base_path: str) -> JobSpec:
     """What a training subprocess (or a validation run) needs to know about ``job``."""
-    job_dir = layout.job_dir(job.id)
     ds = store.get_dataset(job.tenant, job.dataset_id)
     return JobSpec(
         job_id=job.id,
         base_model=job.base_model,
         base_model_path=base_path,
         dataset_path=str(layout.dataset_file(job.dataset_sha256)),
-        output_dir=str(job_dir / "output"),
-        checkpoint_dir=str(job_dir / "checkpoints"),
+        job_dir=str(layout.job_dir(job.id)),
         config=JobConfig.from_dict(job.config),
         dataset_format=ds.format if ds else "",
         dataset_examples=ds.num_rows if ds else 0,
@@ -106,8 +101,10 @@ class Scheduler:
         base_models: dict[str, str],
         bus: EventBus,
         devices: int | None = None,
+        runner: JobRunner | None = None,
     ) -> None:
         self.store = store
+        self.runner = runner or LocalRunner()
         self.layout = layout
         self.publisher = publisher
         self.base_models = base_models
@@ -183,7 +180,7 @@ class Scheduler:
         for job in self.store.jobs_in_states(JobState.VALIDATING, JobState.RUNNING):
             if job.pid:
                 _kill_group_of(job.pid, job.id)
-            ckpt = latest_checkpoint(self.layout.job_dir(job.id))
+            ckpt = self.layout.job(job.id).last_checkpoint()
             if job.pid is None and ckpt is None:  # claimed, but its worker never started
                 self.store.update_job(job.id, state=JobState.QUEUED)
                 await self._event(job.id, JobState.QUEUED, "the service restarted; queued again")
@@ -223,8 +220,8 @@ class Scheduler:
 
     # ------------------------------------------------------------ running a job
     async def _launch(self, job: JobRecord, slot: int) -> None:
-        job_dir = self.layout.job_dir(job.id)
-        job_dir.mkdir(parents=True, exist_ok=True)
+        folder = self.layout.job(job.id)
+        folder.root.mkdir(parents=True, exist_ok=True)
         base_path = self.base_models.get(job.base_model)
         if base_path is None:
             await self._finish(
@@ -235,65 +232,43 @@ class Scheduler:
             )
             return
         spec = job_spec(self.store, self.layout, job, base_path)
-        spec_file = job_dir / "spec.json"
-        write_atomic(spec_file, json.dumps(spec.to_dict(), indent=2).encode())
-        env = dict(os.environ)
-        if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(slot)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        with open(job_dir / "worker.log", "ab") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "trainer.worker",
-                str(spec_file),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log_file,
-                env=env,
-                start_new_session=True,  # its own process group: killed as a whole
-                limit=1 << 20,
-            )
-        run = _Running(job.id, slot, proc)
-        self._running[job.id] = run
-        self.store.update_job(job.id, pid=proc.pid)
+        write_atomic(folder.spec, json.dumps(spec.to_dict(), indent=2).encode())
+        run = await self.runner.train(folder.spec, folder.log, slot if self.gpus else None)
+        running = self._running[job.id] = _Running(job.id, slot, run)
+        self.store.update_job(job.id, pid=run.pid)
         device = f"cuda:{slot}" if self.gpus else "cpu"
-        log.info("job %s of %s started on %s (pid %d)", job.id, job.tenant, device, proc.pid)
+        log.info("job %s of %s started on %s (pid %d)", job.id, job.tenant, device, run.pid)
         await self._event(job.id, JobState.VALIDATING, f"started on {device}")
-        run.task = asyncio.create_task(self._supervise(job, run), name=f"job-{job.id}")
+        running.task = asyncio.create_task(self._supervise(job, running), name=f"job-{job.id}")
 
     async def _supervise(self, job: JobRecord, run: _Running) -> None:
         state = JobState.VALIDATING
-        error: dict[str, Any] | None = None
+        error: Failed | None = None
         metrics: dict[str, Any] | None = None
         latest: dict[str, Any] = dict(job.progress or {})
         try:
-            assert run.process.stdout is not None
-            async for raw in run.process.stdout:
-                try:
-                    ev = json.loads(raw)
-                except json.JSONDecodeError:
-                    continue
-                kind = ev.get("event")
-                if kind == "state":
-                    state = JobState(ev["state"])
-                    self.store.update_job(job.id, state=state)
-                    await self._event(job.id, state, ev.get("message", state.value.lower()))
-                elif kind == "progress":
-                    progress = {k: v for k, v in ev.items() if k != "event"}
-                    # An evaluation reports eval_loss alone: the job keeps the latest of each.
-                    latest = {**latest, **{k: v for k, v in progress.items() if v is not None}}
-                    self.store.update_job(job.id, progress=latest)
-                    await self._event(job.id, state, "progress", progress)
-                elif kind == "report":
-                    self.store.update_job(job.id, report=ev["report"])
-                    await self._event(job.id, state, Report.from_dict(ev["report"]).summary())
-                elif kind == "checkpoint":
-                    await self._event(job.id, state, f"checkpoint saved at step {ev.get('step')}")
-                elif kind == "done":
-                    metrics = ev.get("metrics", {})
-                elif kind == "error":
-                    error = ev
-            rc = await run.process.wait()
+            async for ev in run.run.events():
+                match ev:
+                    case State():
+                        state = JobState(ev.state)
+                        self.store.update_job(job.id, state=state)
+                        await self._event(job.id, state, ev.message)
+                    case Progress():
+                        progress = ev.figures()
+                        # An evaluation reports eval_loss alone: the job keeps the latest of each.
+                        latest = {**latest, **progress}
+                        self.store.update_job(job.id, progress=latest)
+                        await self._event(job.id, state, "progress", progress)
+                    case DatasetReport():
+                        self.store.update_job(job.id, report=ev.report)
+                        await self._event(job.id, state, Report.from_dict(ev.report).summary())
+                    case Checkpoint():
+                        await self._event(job.id, state, f"checkpoint saved at step {ev.step}")
+                    case Done():
+                        metrics = ev.metrics
+                    case Failed():
+                        error = ev
+            rc = await run.run.wait()
             await self._conclude(job, run, rc, metrics, error)
         except asyncio.CancelledError:
             self._kill(run)
@@ -311,7 +286,7 @@ class Scheduler:
         run: _Running,
         rc: int,
         metrics: dict[str, Any] | None,
-        error: dict[str, Any] | None,
+        error: Failed | None,
     ) -> None:
         if run.cancelled:
             await self._finish(job.id, JobState.CANCELLED, "cancelled")
@@ -325,23 +300,23 @@ class Scheduler:
             await self._publish(job, metrics)
             return
         if error is not None:
-            kind = ErrorKind.USER if error.get("kind") == "user" else ErrorKind.SYSTEM
-            message = error.get("message", "")
+            kind = ErrorKind.USER if error.kind == USER else ErrorKind.SYSTEM
+            message = error.message
         elif rc < 0:
             kind = ErrorKind.SYSTEM
             sig = signal.Signals(-rc).name
             hint = " (likely out of memory)" if -rc == signal.SIGKILL else ""
             message = f"the training process was killed by {sig}{hint}"
         else:
-            kind = ErrorKind.USER if rc == USER_ERROR_EXIT else ErrorKind.SYSTEM
+            kind = ErrorKind.USER if rc == EXIT_USER else ErrorKind.SYSTEM
             message = f"the training process exited with code {rc}"
         await self._finish(job.id, JobState.FAILED, message, kind)
 
     async def _publish(self, job: JobRecord, metrics: dict[str, Any]) -> None:
-        job_dir = self.layout.job_dir(job.id)
+        folder = self.layout.job(job.id)
         # The loss plot and TensorBoard files ship with the adapter (trainer/curves.py).
         title = f"{job.id}  {job.tenant}/{job.adapter_name}"
-        await asyncio.to_thread(curves.finish, job_dir, title, job_dir / "output")
+        await asyncio.to_thread(curves.finish, folder.root, title, folder.output)
         manifest = self.publisher.manifest(
             job_id=job.id,
             tenant=job.tenant,
@@ -353,7 +328,7 @@ class Scheduler:
         )
         try:
             version = await self.publisher.publish(
-                job.tenant, job.adapter_name, job_dir / "output", manifest
+                job.tenant, job.adapter_name, folder.output, manifest
             )
         except AdapterRejected as e:
             await self._finish(job.id, JobState.FAILED, f"adapter rejected: {e}", ErrorKind.USER)
@@ -362,7 +337,7 @@ class Scheduler:
             # The tenant reads this: the reason, not the server's paths (those go to the log).
             log.error("publishing %s/%s failed: %s", job.tenant, job.adapter_name, e)
             reason = e.strerror or type(e).__name__
-            current = self.layout.current_version(job.tenant, job.adapter_name)
+            current = self.publisher.adapters.current(job.tenant, job.adapter_name)
             kept = f"; {current} is still the one served" if current else ""
             await self._finish(
                 job.id, JobState.FAILED, f"publishing failed: {reason}{kept}", ErrorKind.SYSTEM
@@ -387,28 +362,14 @@ class Scheduler:
             await self._finish(job.id, JobState.CANCELLED, "cancelled before it started")
 
     def _kill(self, run: _Running) -> None:
-        """SIGTERM the job's process group, SIGKILL it if it lingers."""
-        pid = run.process.pid
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-
-        async def _reap() -> None:
-            try:
-                await asyncio.wait_for(run.process.wait(), KILL_GRACE_S)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-            # children that outlived the leader
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-
-        task = asyncio.ensure_future(_reap())
+        """SIGTERM the job's process group, SIGKILL it if it lingers (in the background)."""
+        task = asyncio.ensure_future(run.run.stop(KILL_GRACE_S))
         self._reapers.add(task)
         task.add_done_callback(self._reapers.discard)
 
     def running_pid(self, job_id: str) -> int | None:
         run = self._running.get(job_id)
-        return run.process.pid if run else None
+        return run.run.pid if run else None
 
 
 def _kill_group_of(pid: int, job_id: str) -> None:

@@ -12,6 +12,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from finetune.v1 import trainer_pb2, trainer_pb2_grpc
+from trainer.adapter_store import LocalAdapterStore
 from trainer.auth import Authenticator
 from trainer.config import ServiceConfig
 from trainer.datasets import DatasetIngest
@@ -57,7 +58,7 @@ async def serve(
     assert cfg.tenants_file is not None
     auth = Authenticator(TenantRegistry(cfg.tenants_file))
     bus = EventBus()
-    publisher = Publisher(layout, store, cfg.max_lora_rank, _loader(cfg))
+    publisher = Publisher(LocalAdapterStore(layout), store, cfg.max_lora_rank, _loader(cfg))
     scheduler = Scheduler(store, layout, publisher, cfg.base_models, bus, cfg.devices)
     budget = MemoryBudget.detect(cfg.gpu_memory_budget)
     if cfg.gpu_memory_budget is not None and budget is None:

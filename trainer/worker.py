@@ -3,21 +3,14 @@
 The scheduler starts one per job, in its own process group, and reads its stdout.
 
 Protocol
-    stdout  events only, one JSON object per line, flushed after each:
-              {"event": "state", "state": "VALIDATING" | "RUNNING", "message": str}
-              {"event": "progress", "step": int, "total_steps": int, "epoch": float,
-               "loss": float | null, "learning_rate": float | null,
-               "tokens_per_second": float | null, "eta_seconds": float | null,
-               "peak_memory_bytes": int | null}
-              {"event": "checkpoint", "step": int, "path": str}
-              {"event": "done", "metrics": {...}}
-              {"event": "error", "kind": "user" | "system", "message": str}
-            Non-finite numbers are sent as null.
+    stdout  events only (``trainer.events``), one JSON object a line, flushed after each:
+            State, Progress, DatasetReport and Checkpoint as the job goes, then Done, or
+            Failed (kind user or system).
     stderr  library output and tracebacks (the scheduler keeps it as the job's log).
-    exit    0: the adapter is in ``spec.output_dir`` (after "done");
-            2: the customer's input is wrong (after an "error" event of kind "user");
-            1: anything else (after an "error" event of kind "system", when it could
-               still write one); SIGTERM/SIGKILL: killed, no event.
+    exit    0: the adapter is in ``spec.folder.output`` (after Done);
+            2: the customer's input is wrong (after a Failed of kind user);
+            1: anything else (after a Failed of kind system, when it could still write
+               one); SIGTERM/SIGKILL: killed, no event.
 
 Before torch or transformers are imported, fd 1 is duplicated for the events and then
 pointed at fd 2, so nothing a library prints can corrupt the event stream.
@@ -26,29 +19,18 @@ pointed at fd 2, so nothing a library prints can corrupt the event stream.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
 import traceback
-from typing import Any, TextIO
+from typing import TextIO
 
+from trainer.events import SYSTEM, USER, Done, Event, Failed, encode
 from trainer.processes import die_with_parent
 
 EXIT_OK = 0
 EXIT_SYSTEM = 1
 EXIT_USER = 2
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities are not JSON: send them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 class EventSink:
@@ -57,9 +39,8 @@ class EventSink:
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
 
-    def emit(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, **_json_safe(fields)}, default=str)
-        self.stream.write(line + "\n")
+    def emit(self, event: Event) -> None:
+        self.stream.write(encode(event) + "\n")
         self.stream.flush()
 
 
@@ -107,28 +88,28 @@ def main(argv: list[str] | None = None) -> int:
         try:
             spec = JobSpec.from_dict(raw)
         except InvalidArgument as e:
-            events.emit("error", kind="user", message=str(e))
+            events.emit(Failed(USER, str(e)))
             return EXIT_USER
         from trainer.recipe import UserError, run  # torch, transformers, TRL from here on
     except BaseException as e:
         traceback.print_exc()
-        events.emit("error", kind="system", message=system_error_message(e))
+        events.emit(Failed(SYSTEM, system_error_message(e)))
         return EXIT_SYSTEM
 
     try:
         metrics = run(spec, events)
     except UserError as e:
-        events.emit("error", kind="user", message=str(e))
+        events.emit(Failed(USER, str(e)))
         return EXIT_USER
     except FailedPrecondition as e:  # the operator's to repair (a base model's files): said plainly
         traceback.print_exc()
-        events.emit("error", kind="system", message=str(e))
+        events.emit(Failed(SYSTEM, str(e)))
         return EXIT_SYSTEM
     except BaseException as e:
         traceback.print_exc()
-        events.emit("error", kind="system", message=system_error_message(e))
+        events.emit(Failed(SYSTEM, system_error_message(e)))
         return EXIT_SYSTEM
-    events.emit("done", metrics=metrics)
+    events.emit(Done(metrics))
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from server.adapters import find, list_published, stable_lora_id
+from trainer.adapter_store import LocalAdapterStore
 from trainer.layout import CURRENT, Layout, write_atomic
 
 BASES = ["tiny", "/models/tiny"]
@@ -37,13 +38,13 @@ def layout(tmp_path: Path) -> Layout:
 
 
 def test_finds_the_current_version(layout: Layout) -> None:
-    found = find(layout, "A/x", BASES)
+    found = find(LocalAdapterStore(layout), "A/x", BASES)
     assert found is not None
     assert found.path == layout.version_dir("A", "x", "v0001")
     assert found.served_name == "A/x"
     # A new version becomes current by rewriting `current` only.
     _fake_adapter(layout, "A", "x", version="v0002")
-    found2 = find(layout, "A/x", BASES)
+    found2 = find(LocalAdapterStore(layout), "A/x", BASES)
     assert found2 is not None and found2.version == "v0002"
     assert found2.lora_int_id != found.lora_int_id
 
@@ -68,31 +69,31 @@ def test_finds_the_current_version(layout: Layout) -> None:
     ],
 )
 def test_rejects_anything_but_two_valid_existing_parts(layout: Layout, model: str) -> None:
-    assert find(layout, model, BASES) is None
+    assert find(LocalAdapterStore(layout), model, BASES) is None
 
 
 def test_rejects_an_absolute_path(layout: Layout) -> None:
     path = layout.version_dir("B", "y", "v0001")
     assert path.is_dir()
-    assert find(layout, str(path), BASES) is None
-    assert find(layout, str(layout.adapter_dir("B", "y")), BASES) is None
+    assert find(LocalAdapterStore(layout), str(path), BASES) is None
+    assert find(LocalAdapterStore(layout), str(layout.adapter_dir("B", "y")), BASES) is None
 
 
 def test_rejects_another_base_or_a_non_lora(layout: Layout) -> None:
     _fake_adapter(layout, "A", "other", base_model_name_or_path="some/other-model")
     _fake_adapter(layout, "A", "ia3", peft_type="IA3")
-    assert find(layout, "A/other", BASES) is None
-    assert find(layout, "A/ia3", BASES) is None
+    assert find(LocalAdapterStore(layout), "A/other", BASES) is None
+    assert find(LocalAdapterStore(layout), "A/ia3", BASES) is None
     # The --model path is accepted as well as the served name.
     _fake_adapter(layout, "A", "bypath", base_model_name_or_path="/models/tiny")
-    assert find(layout, "A/bypath", BASES) is not None
+    assert find(LocalAdapterStore(layout), "A/bypath", BASES) is not None
 
 
 def test_rejects_a_bad_current_and_a_symlink_out_of_the_volume(
     layout: Layout, tmp_path: Path
 ) -> None:
     write_atomic(layout.adapter_dir("A", "x") / CURRENT, b"../../B/y/v0001")
-    assert find(layout, "A/x", BASES) is None
+    assert find(LocalAdapterStore(layout), "A/x", BASES) is None
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "adapter_config.json").write_text(
@@ -101,15 +102,18 @@ def test_rejects_a_bad_current_and_a_symlink_out_of_the_volume(
     layout.adapter_dir("A", "link").mkdir()
     os.symlink(outside, layout.version_dir("A", "link", "v0001"))
     write_atomic(layout.adapter_dir("A", "link") / CURRENT, b"v0001")
-    assert find(layout, "A/link", BASES) is None
+    assert find(LocalAdapterStore(layout), "A/link", BASES) is None
 
 
 def test_lists_a_tenants_adapters_only(layout: Layout) -> None:
     _fake_adapter(layout, "A", "second")
-    assert [a.served_name for a in list_published(layout, "A", BASES)] == ["A/second", "A/x"]
-    assert [a.served_name for a in list_published(layout, "B", BASES)] == ["B/y"]
-    assert list_published(layout, "..", BASES) == []
-    assert list_published(layout, "C", BASES) == []
+    assert [a.served_name for a in list_published(LocalAdapterStore(layout), "A", BASES)] == [
+        "A/second",
+        "A/x",
+    ]
+    assert [a.served_name for a in list_published(LocalAdapterStore(layout), "B", BASES)] == ["B/y"]
+    assert list_published(LocalAdapterStore(layout), "..", BASES) == []
+    assert list_published(LocalAdapterStore(layout), "C", BASES) == []
 
 
 def test_ids_are_stable_across_processes_and_positive() -> None:
