@@ -47,10 +47,11 @@ COPY pyproject.toml .
 COPY constraints/ constraints/
 # The dependency list of each variant, from pyproject.toml only: this stage (and the
 # install layers after it) is rebuilt when dependencies change, not when code does.
+# The GPU image serves vLLM 0.32 and so takes the 4-bit serving plugin too (gpu-bnb).
 RUN python -c "import tomllib; \
-p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-[open(v + '.txt', 'w').write('\n'.join(p['dependencies'] + p['optional-dependencies'][v]) + '\n') \
- for v in ('gpu', 'cpu')]"
+p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; \
+open('gpu.txt', 'w').write('\n'.join(p['dependencies'] + x['gpu'] + x['gpu-bnb']) + '\n'); \
+open('cpu.txt', 'w').write('\n'.join(p['dependencies'] + x['cpu']) + '\n')"
 
 
 FROM ${PYTHON_IMAGE} AS wheel

