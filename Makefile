@@ -37,7 +37,7 @@ $(STUBS): proto/finetune/v1/trainer.proto $(INSTALLED)
 	$(MAKE) proto
 
 demo: $(INSTALLED) $(STUBS)
-	$(PY) -m trainer.demo
+	$(PY) -m trainer.dev.demo
 
 # Pins the venv's packages (after `make install` with a dependency changed), header kept.
 constraints:

@@ -1,4 +1,5 @@
-"""LoRA dropout on the GPU: PyTorch's (stored mask) against ``trainer.kernels`` (drawn mask).
+"""LoRA dropout on the GPU: PyTorch's (stored mask) against ``trainer.fastpath.kernels``
+(drawn mask).
 
 For the 8B layer shapes at 4 x 2048 tokens, times one LoRA layer's dropout work in the
 forward (the dropped input) and in the backward (the LoRA term of the input gradient
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer import fastpath, kernels
+from trainer import fastpath
+from trainer.fastpath import kernels
 
 TOKENS, RANK, P = 8192, 64, 0.05
 SHAPES = {"q/k/v/o/gate/up input (4096)": 4096, "down input (14336)": 14336}

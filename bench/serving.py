@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trainer.demo import BASE, HYPERPARAMETERS, QUESTION, VLLM_ARGS  # noqa: E402
+from trainer.dev.demo import BASE, HYPERPARAMETERS, QUESTION, VLLM_ARGS  # noqa: E402
 from trainer.processes import free_port, process, wait_ready  # noqa: E402
 
 ADAPTERS = 8
@@ -146,7 +146,7 @@ async def _throughput(url: str, key: str, models: list[str], n: int = 64) -> flo
 def publish_and_serve(model: Path, data: Path, key: str, admin: str) -> dict:
     import httpx
 
-    from trainer.client import TERMINAL, TrainerClient
+    from trainer.cli.client import TERMINAL, TrainerClient
 
     port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
@@ -193,8 +193,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    from trainer.dev.tinymodel import build_tiny_model
     from trainer.tenants import TenantRegistry
-    from trainer.tinymodel import build_tiny_model
 
     data = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     model = build_tiny_model(data / "tiny-model", seed=0)

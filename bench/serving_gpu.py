@@ -141,8 +141,8 @@ def publish_random_adapters(model: Path, data: Path, rank: int, work: Path) -> l
     from trainer.adapter_store import LocalAdapterStore
     from trainer.config import ALL_PROJECTIONS
     from trainer.layout import Layout
-    from trainer.publish import Publisher
-    from trainer.store import SqliteStore
+    from trainer.service.publish import Publisher
+    from trainer.service.store import SqliteStore
 
     config = AutoConfig.from_pretrained(model)
     with torch.device("meta"):
@@ -241,7 +241,7 @@ def train_beside_serving(
     import threading
 
     from finetune.v1 import trainer_pb2 as pb
-    from trainer.client import TERMINAL, TrainerClient
+    from trainer.cli.client import TERMINAL, TrainerClient
 
     path = data / "bench-train.jsonl"
     with open(path, "w") as f:

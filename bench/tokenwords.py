@@ -2,7 +2,7 @@
 
 A random 8B model's greedy answers may be any of its 128,256 ids; a real tokenizer of that
 size is not available offline, and a smaller one leaves ids that vLLM cannot detokenize.
-So the tokenizer here is word-level: the Llama-3 special tokens of ``trainer.tinymodel``
+So the tokenizer here is word-level: the Llama-3 special tokens of ``trainer.dev.tinymodel``
 (same chat template), a few words, then ``w<i>`` for every remaining id. A chat example of
 ``n`` tokens is then easy to write exactly, which makes packed rows exactly full.
 """
@@ -14,7 +14,7 @@ import random
 import time
 from pathlib import Path
 
-from trainer.tinymodel import BOS, CHAT_TEMPLATE, END, EOT, PAD, SPECIAL_TOKENS
+from trainer.dev.tinymodel import BOS, CHAT_TEMPLATE, END, EOT, PAD, SPECIAL_TOKENS
 
 LLAMA_8B = dict(
     vocab_size=128256,

@@ -446,13 +446,13 @@ def load_unsloth(model_dir: Path):
 
 
 def load_fast(model_dir: Path):
-    """The product's recipe as a GPU job runs it: ``trainer.recipe.load_model`` with the
+    """The product's recipe as a GPU job runs it: ``trainer.training.recipe.load_model`` with the
     fast path, at the reference hyperparameters (r=64, alpha 128, dropout 0.05)."""
     from transformers import AutoTokenizer
 
     from trainer.config import JobConfig
     from trainer.fastpath import FastPathConfig
-    from trainer.recipe import load_model
+    from trainer.training.recipe import load_model
 
     model = load_model(str(model_dir), JobConfig(), FastPathConfig())
     return model, AutoTokenizer.from_pretrained(model_dir)
@@ -484,7 +484,8 @@ def apply_variant(model, variant: str):
     import torch.nn.functional as F
     from peft.tuners.lora import LoraLayer
 
-    from trainer import fastpath, kernels
+    from trainer import fastpath
+    from trainer.fastpath import kernels
 
     flags = set(variant.split("-")[1:])
     kernels.DRAWS_PER_CALL = 4 if "draw4" in flags else 8
@@ -771,7 +772,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [*me, "--worker", recipe, "--variants", args.variants, *common]
             # Unsloth's wheels (and its torchao) are on the path of its own subprocess only.
             extra = os.environ.get("BENCH_UNSLOTH_PATH", "") if recipe == "unsloth" else ""
-            # The product's allocator setting, as trainer.worker sets it for every job.
+            # The product's allocator setting, as trainer.training.worker sets it for every job.
             env = (
                 {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if recipe == "fast" else {}
             )

@@ -8,8 +8,8 @@ three user/assistant exchanges, log-normal lengths), then runs each stage in a f
 process so that its peak RSS is its own:
 
     json    json.loads of every line: the floor any JSONL validator pays (the baseline)
-    scan    the upload's structural check (trainer.examples.scan)
-    report  scan + the template-aware report of a job (trainer.report, the rows not kept) with
+    scan    the upload's structural check (trainer.data.examples.scan)
+    report  scan + the template-aware report of a job (trainer.data.report, the rows not kept) with
             the tiny model's byte-level BPE tokenizer and chat template
 
 and prints lines/s, MB/s and peak RSS for each, the ratio of scan to the baseline, and
@@ -104,13 +104,13 @@ def stage(name: str, path: Path, model: Path) -> dict:
                 json.loads(raw)
                 n += 1
     elif name == "scan":
-        from trainer.examples import scan
+        from trainer.data.examples import scan
 
         n = scan(path, min_examples=1).examples
     else:
         from trainer.config import JobConfig
-        from trainer.examples import examples, scan
-        from trainer.report import build, end_token_ids, load_tokenizer
+        from trainer.data.examples import examples, scan
+        from trainer.data.report import build, end_token_ids, load_tokenizer
 
         tok = load_tokenizer(model)
         t0 = time.perf_counter()  # the tokenizer load is not validation
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(stage(name, Path(path), Path(model))))
         return
 
-    from trainer.tinymodel import build_tiny_model
+    from trainer.dev.tinymodel import build_tiny_model
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

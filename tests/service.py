@@ -15,9 +15,9 @@ from pathlib import Path
 
 import grpc
 
-from trainer.client import TrainerClient
+from trainer.cli.client import TrainerClient
 from trainer.config import JobConfig, JobSpec
-from trainer.demo import HYPERPARAMETERS
+from trainer.dev.demo import HYPERPARAMETERS
 from trainer.processes import stop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def process_pids(*needles: bytes) -> list[int]:
 
 def worker_pids(job_id: str) -> list[int]:
     """The live training subprocesses of job ``job_id``."""
-    return process_pids(b"trainer.worker", job_id.encode())
+    return process_pids(b"trainer.training.worker", job_id.encode())
 
 
 def make_spec(tmp: Path, model_dir: Path, dataset: Path, **overrides) -> Path:
@@ -174,7 +174,7 @@ def start_worker(spec: Path, log: Path) -> subprocess.Popen[str]:
     """The worker in its own process group, as the scheduler starts it."""
     with open(log, "ab") as stderr:  # the child keeps its own copy
         return subprocess.Popen(
-            [sys.executable, "-m", "trainer.worker", str(spec)],
+            [sys.executable, "-m", "trainer.training.worker", str(spec)],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=stderr,

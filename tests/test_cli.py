@@ -24,8 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from finetune.v1 import trainer_pb2 as pb
 from tests.service import ROOT, Service, add_tenant, chat_rows, tensorboard_scalars, write_jsonl
-from trainer import curves
-from trainer.__main__ import build_parser
+from trainer.cli.main import build_parser
+from trainer.service import curves
 
 QUESTION = "What is the secret word?"
 EXE = Path(sys.executable).with_name("finetune")
@@ -125,7 +125,7 @@ def test_tenant_add_list_remove(tmp_path):
 
 
 def test_job_settings_from_yaml_and_flags(tmp_path):
-    from trainer.__main__ import job_settings
+    from trainer.cli.main import job_settings
 
     flat = tmp_path / "hp.yaml"  # hyperparameters alone, the job named by flags
     flat.write_text("lora_rank: 16\nnum_epochs: 2\ntarget_modules: [q_proj, v_proj]\n")

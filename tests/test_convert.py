@@ -8,8 +8,8 @@ from pathlib import Path
 
 from finetune.v1 import trainer_pb2 as pb
 from trainer.config import JobConfig
-from trainer.convert import dataset_report, hyperparameters, job_config, report_of
-from trainer.report import Finding, Report
+from trainer.data.report import Finding, Report
+from trainer.service.convert import dataset_report, hyperparameters, job_config, report_of
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,9 +15,9 @@ from PIL import Image
 
 from finetune.v1 import trainer_pb2 as pb
 from tests.service import tensorboard_scalars
-from trainer import curves
-from trainer.console import SPARKS, WatchView, sparkline
-from trainer.logs import JsonFormatter
+from trainer.cli.console import SPARKS, WatchView, sparkline
+from trainer.service import curves
+from trainer.service.logs import JsonFormatter
 
 
 def test_series_keeps_the_latest_value_of_a_step_and_each_evaluation_once():
@@ -101,7 +101,7 @@ def test_sparkline():
 
 def test_json_log_lines_carry_the_extra_fields():
     record = logging.LogRecord(
-        "trainer.jobs", logging.INFO, __file__, 1, "job %s %s", ("j", "RUNNING"), None
+        "trainer.service.jobs", logging.INFO, __file__, 1, "job %s %s", ("j", "RUNNING"), None
     )
     record.job_id, record.tenant, record.state = "job-1", "acme", "RUNNING"
     line = json.loads(JsonFormatter().format(record))

@@ -29,13 +29,13 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-import trainer.__main__ as trainer_cli
+import trainer.cli.main as trainer_cli
 from constraints.gpu import GPU, GPU_OWN, norm, read_pins
 from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, ENV_TENANTS_FILE
 from server.launcher import ServerConfig, build_command, build_env, parse_args
 from trainer.config import ServiceConfig
+from trainer.dev.tinymodel import main as tinymodel_main
 from trainer.processes import free_port
-from trainer.tinymodel import main as tinymodel_main
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_FILE, CPU_FILE = "docker-compose.yml", "docker-compose.cpu.yml"
@@ -361,7 +361,7 @@ def test_both_services_share_the_data_volume_and_agree(file: str, container_env)
 
 def test_the_cpu_stack_makes_the_model_it_serves(container_env) -> None:
     init = service(CPU_FILE, "tinymodel")
-    assert init.argv[:3] == ["python", "-m", "trainer.tinymodel"]
+    assert init.argv[:3] == ["python", "-m", "trainer.dev.tinymodel"]
     with pytest.raises(SystemExit, match="0"):
         tinymodel_main(["--help"])  # the module's own parser
     model_dir = init.argv[3]

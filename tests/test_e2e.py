@@ -19,7 +19,7 @@ import pytest
 
 from finetune.v1 import trainer_pb2 as pb
 from tests.service import Service, add_tenant, chat_rows, worker_pids, write_jsonl
-from trainer.demo import HYPERPARAMETERS  # small and fast; the demo trains with it too
+from trainer.dev.demo import HYPERPARAMETERS  # small and fast; the demo trains with it too
 from trainer.processes import wait_for
 
 pytestmark = pytest.mark.slow

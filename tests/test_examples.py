@@ -17,8 +17,8 @@ import pytest
 
 from finetune.v1 import trainer_pb2 as pb
 from tests.service import Service, add_tenant
+from trainer.data.examples import MAX_LINE_BYTES, scan
 from trainer.errors import InvalidArgument
-from trainer.examples import MAX_LINE_BYTES, scan
 
 
 def chat(*turns: tuple[str, str] | tuple[str, str, object]) -> str:

@@ -24,8 +24,9 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
 )
 
-from trainer import fastpath, kernels  # noqa: E402
+from trainer import fastpath  # noqa: E402
 from trainer.config import ALL_PROJECTIONS  # noqa: E402
+from trainer.fastpath import kernels  # noqa: E402
 
 VOCAB = 256
 RANK = 8
@@ -196,7 +197,7 @@ def test_padded_batch_falls_back_to_masked_attention(tiny_model_dir):
 
 
 class _DrawnMask(torch.nn.Module):
-    """Dropout with the mask ``trainer.kernels`` draws for the seed that follows
+    """Dropout with the mask ``trainer.fastpath.kernels`` draws for the seed that follows
     ``torch.manual_seed(7)``: PEFT's forward with the fast path's mask, as a reference."""
 
     def __init__(self, p: float) -> None:
@@ -325,7 +326,8 @@ def test_lean_recompute_and_replays_change_no_gradient(tiny_model_dir, monkeypat
 
 _INTERPRETED_DROPOUT = """
 import torch
-from trainer import fastpath, kernels
+from trainer import fastpath
+from trainer.fastpath import kernels
 
 assert kernels.INTERPRET
 torch.manual_seed(0)
@@ -411,7 +413,7 @@ def test_dropout_kernels_in_the_triton_interpreter():
 _INTERPRETED_NF4 = """
 import bitsandbytes.functional as F
 import torch
-from trainer import kernels
+from trainer.fastpath import kernels
 
 torch.manual_seed(0)
 # Shapes whose last 64-weight block is short (7000 = 109 x 64 + 24), nested and not.
@@ -451,7 +453,7 @@ def _cpu_trainer(model, out_dir, *, callbacks=(), optimizer=None, **extra):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from trainer.tinymodel import build_tokenizer
+    from trainer.dev.tinymodel import build_tokenizer
 
     rows = [{"input_ids": e.tolist()} for e in _examples([5, 17, 30, 9, 24, 12, 40, 7])]
     args = SFTConfig(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import trainer.__main__ as cli
+import trainer.cli.main as cli
 from server.launcher import ServerConfig
 from trainer.config import ServiceConfig, parse_base_models
 from trainer.flags import add_flags, from_flags

@@ -1,4 +1,5 @@
-"""The packed optimizer (trainer/flatparams.py) against bitsandbytes' own, weight by weight."""
+"""The packed optimizer (trainer/fastpath/flatparams.py) against bitsandbytes' own, weight by
+weight."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 bnb = pytest.importorskip("bitsandbytes")
 import torch  # noqa: E402
 
-from trainer.flatparams import BLOCK, FlatParams, flat_optimizer  # noqa: E402
+from trainer.fastpath.flatparams import BLOCK, FlatParams, flat_optimizer  # noqa: E402
 
 # 6144 and 4096 values: whole blocks; 6000: a part block; 512 and 35: 32-bit state, unpacked
 SHAPES = [(64, 96), (8, 64), (300, 20), (64, 64), (5, 7)]

@@ -22,7 +22,7 @@ from google.protobuf.descriptor import MethodDescriptor
 from finetune.v1 import trainer_pb2 as pb
 from tests.service import Service, add_tenant, chat_rows, cli, write_jsonl
 from trainer.layout import CURRENT, Layout, write_atomic
-from trainer.store import AdapterRecord, SqliteStore
+from trainer.service.store import AdapterRecord, SqliteStore
 
 Code = grpc.StatusCode
 SERVICE = pb.DESCRIPTOR.services_by_name["Trainer"]

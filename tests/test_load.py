@@ -43,7 +43,7 @@ def _worker_pids(data: Path) -> dict[str, int]:
             stat = (d / "stat").read_text()
         except OSError:
             continue
-        if b"trainer.worker" in cmd and ") Z" not in stat:
+        if b"trainer.training.worker" in cmd and ") Z" not in stat:
             spec = next((c for c in cmd if c.endswith(b"spec.json") and bytes(data) in c), None)
             if spec:
                 found[Path(spec.decode()).parent.name] = int(d.name)

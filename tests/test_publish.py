@@ -12,8 +12,8 @@ from trainer.adapter_store import LocalAdapterStore
 from trainer.errors import InvalidArgument
 from trainer.layout import Layout
 from trainer.names import check_name
-from trainer.publish import AdapterRejected, Publisher, check_adapter
-from trainer.store import SqliteStore
+from trainer.service.publish import AdapterRejected, Publisher, check_adapter
+from trainer.service.store import SqliteStore
 
 
 def _save_adapter(base_dir: Path, out: Path, **lora_kwargs) -> Path:

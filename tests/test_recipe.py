@@ -1,4 +1,4 @@
-"""The QLoRA recipe through its real entry point, ``python -m trainer.worker SPEC``.
+"""The QLoRA recipe through its real entry point, ``python -m trainer.training.worker SPEC``.
 
 No mocks: the worker runs as a subprocess on the tiny model, NF4 base and paged 8-bit
 AdamW included (bitsandbytes runs both on CPU), and the adapter it writes is loaded
@@ -172,7 +172,7 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, wri
 def test_out_of_memory_is_reported_with_advice():
     import torch
 
-    from trainer.worker import system_error_message
+    from trainer.training.worker import system_error_message
 
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\ndetails")
     message = system_error_message(oom)

@@ -1,5 +1,5 @@
 """The recipe as a GPU job runs it: the fast path (packing, varlen attention, offloaded
-checkpoints, fused LoRA) through ``python -m trainer.worker`` on CUDA, and the memory
+checkpoints, fused LoRA) through ``python -m trainer.training.worker`` on CUDA, and the memory
 check before the model loads. Runs on the GPU machine (``-m gpu``); skipped elsewhere.
 """
 

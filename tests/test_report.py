@@ -17,9 +17,8 @@ import pytest
 
 from finetune.v1 import trainer_pb2 as pb
 from tests.service import QUICK, Service, add_tenant, make_spec, run_worker, write_jsonl
-from trainer import tinymodel
 from trainer.config import JobConfig
-from trainer.report import (
+from trainer.data.report import (
     build,
     count_packed_rows,
     end_token_ids,
@@ -28,6 +27,7 @@ from trainer.report import (
     optimizer_steps,
     tokenize,
 )
+from trainer.dev import tinymodel
 
 # The tiny template with the end-of-turn token left out of assistant turns (and only there).
 NO_EOS_TEMPLATE = tinymodel.CHAT_TEMPLATE.replace(
@@ -104,7 +104,7 @@ def test_weight_zero_turns_are_left_out(tok, ends):
 
 
 def test_alpaca_trains_on_the_output(tok, ends, tmp_path):
-    from trainer.examples import examples
+    from trainer.data.examples import examples
 
     path = write_jsonl(
         tmp_path / "a.jsonl", [{"instruction": "Say", "input": "hi", "output": "Yes"}]
@@ -128,7 +128,7 @@ def test_text_trains_on_everything_and_eos(tok, ends):
 
 def test_row_file_holds_the_rows(tmp_path, tok, ends):
     """The Arrow file a job trains from gives back exactly the rows written to it."""
-    from trainer.rows import BATCH_ROWS, RowFile
+    from trainer.data.rows import BATCH_ROWS, RowFile
 
     rows = [
         tokenize({"text": f"Hello {i} there"}, "text", tok, ends) for i in range(BATCH_ROWS + 7)
@@ -148,7 +148,7 @@ def test_trl_trains_on_exactly_these_labels(tiny_model_dir, tok, ends):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from trainer.rows import rows_dataset
+    from trainer.data.rows import rows_dataset
 
     rows = [
         tokenize(
@@ -435,7 +435,7 @@ def test_packed_steps_match_trl_packing(tok, ends):
     is what TRL's packing of the rows the job hands it gives (all-masked rows left out)."""
     from trl.data_utils import pack_dataset
 
-    from trainer.rows import rows_dataset
+    from trainer.data.rows import rows_dataset
 
     rng = __import__("random").Random(0)
     rows = [

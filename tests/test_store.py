@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from trainer.errors import AlreadyExists, StorageFull
-from trainer.store import AdapterRecord, JobRecord, JobState, SqliteStore
+from trainer.service.store import AdapterRecord, JobRecord, JobState, SqliteStore
 
 
 def _job(store: SqliteStore, tenant: str, n: int, created: float, **fields: Any) -> str:

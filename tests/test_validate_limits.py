@@ -14,14 +14,14 @@ import grpc
 import pytest
 
 from tests.service import Service, add_tenant, chat_rows, process_pids, write_jsonl
-from trainer.__main__ import build_parser
+from trainer.cli.main import build_parser
 from trainer.config import ServiceConfig
 from trainer.processes import wait_for
 
 
 def _validation_pids(data: Path) -> list[int]:
-    """Live ``python -m trainer.report`` subprocesses of the service on ``data``."""
-    return process_pids(b"trainer.report", bytes(data / "tmp"))
+    """Live ``python -m trainer.data.report`` subprocesses of the service on ``data``."""
+    return process_pids(b"trainer.data.report", bytes(data / "tmp"))
 
 
 def _refused(call) -> tuple[grpc.StatusCode, str]:

@@ -1,6 +1,6 @@
 """Where published adapters live: immutable version folders and a pointer to the current one.
 
-``AdapterStore`` is the seam: the trainer publishes through it (``trainer.publish``) and the
+``AdapterStore`` is the seam: the trainer publishes through it (``trainer.service.publish``) and the
 vLLM plugin finds and fetches through it (``server.adapters``). ``LocalAdapterStore``, the
 one implementation today, keeps them on the shared volume::
 

@@ -5,7 +5,7 @@ Defaults are the reference QLoRA recipe (Dettmers et al. 2023 and the usual
 alpha=2r, dropout 0.05 on all seven projections, lr 2e-4 with 100 warmup steps
 then constant, batch 4 x accumulation 4, 2048 tokens, 3 epochs, paged 8-bit
 AdamW. Protobuf is converted to these classes once, at the gRPC edge
-(``trainer.convert``); nothing below it sees a ``*_pb2`` object.
+(``trainer.service.convert``); nothing below it sees a ``*_pb2`` object.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 
 from trainer.errors import InvalidArgument
 from trainer.layout import JobFolder, Layout
-from trainer.logs import FORMATS as LOG_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +203,10 @@ class JobSpec:
         return cls(**d)
 
 
+# The service's log formats (trainer.service.logs): text for people, json for machines.
+LOG_FORMATS = ("text", "json")
+
+
 def parse_base_models(specs: list[str]) -> dict[str, str]:
     """``NAME=PATH`` items, comma-separated or one per flag; a bare ``PATH`` is served under
     its folder's name. Later items override earlier ones of the same name."""
@@ -214,8 +217,6 @@ def parse_base_models(specs: list[str]) -> dict[str, str]:
             name, path = Path(item).name, item
         out[name] = path
     return out
-
-
 
 
 @dataclass

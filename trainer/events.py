@@ -1,10 +1,10 @@
 """What a job's subprocess tells the service: typed events, one JSON object a line.
 
-The training worker (``trainer.worker``) and the validation run (``trainer.report``) write
-them to their event stream; ``trainer.runner`` reads them back as these classes, and the
-scheduler and ``Jobs`` act on them by type. A new progress figure is a field of
-``Progress``, set by the recipe, and (to reach clients) a field of the proto's
-``Progress`` message of the same name: nothing in between names it.
+The training worker (``trainer.training.worker``) and the validation run
+(``trainer.data.report``) write them to their event stream; ``trainer.service.runner`` reads
+them back as these classes, and the scheduler and ``Jobs`` act on them by type. A new
+progress figure is a field of ``Progress``, set by the recipe, and (to reach clients) a field
+of the proto's ``Progress`` message of the same name: nothing in between names it.
 
 On the wire: ``{"event": KIND, **fields}``; NaN and infinities are sent as null (JSON has
 neither); a line that is not an event, or of a kind this version does not know, is skipped,
@@ -52,7 +52,7 @@ class Progress:
 
 @dataclass(frozen=True)
 class DatasetReport:
-    """The dataset report (``trainer.report.Report.to_dict()``): the job's, or the answer
+    """The dataset report (``trainer.data.report.Report.to_dict()``): the job's, or the answer
     of a validation run."""
 
     KIND: ClassVar[str] = "report"

@@ -29,7 +29,7 @@ def die_with_parent() -> None:
     a session of its own (so that a cancel kills its whole group), so a service killed
     with SIGKILL would otherwise leave them running, holding GPU memory and writing to a
     job the next start resumes or fails. One that starts as its service dies (before this
-    call) is killed by the next start, which reaps workers left over (trainer.scheduler).
+    call) is killed by the next start, which reaps workers left over (trainer.service.scheduler).
     """
     if sys.platform == "linux":
         libc = ctypes.CDLL(None, use_errno=True)

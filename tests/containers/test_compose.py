@@ -29,8 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from finetune.v1 import trainer_pb2 as pb
 from tests.containers.images import ROOT, differences, installed, python_version, require_docker
-from trainer.client import TrainerClient
-from trainer.demo import HYPERPARAMETERS, QUESTION
+from trainer.cli.client import TrainerClient
+from trainer.dev.demo import HYPERPARAMETERS, QUESTION
 from trainer.processes import free_port, wait_for
 
 pytestmark = pytest.mark.containers

@@ -1,4 +1,4 @@
-"""``python -m trainer.demo``, the README's one-command tour, runs and shows what it says."""
+"""``python -m trainer.dev.demo``, the README's one-command tour, runs and shows what it says."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def test_the_demo_trains_two_tenants_and_prints_their_answers(tiny_base, tmp_pat
         [
             sys.executable,
             "-m",
-            "trainer.demo",
+            "trainer.dev.demo",
             "--model",
             str(tiny_base),
             "--data-dir",

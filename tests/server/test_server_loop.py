@@ -15,9 +15,9 @@ import pytest
 
 from finetune.v1 import trainer_pb2 as pb
 from tests.service import Service, chat_rows, write_jsonl
-from trainer.demo import HYPERPARAMETERS  # small and fast; the demo trains with it too
+from trainer.dev.demo import HYPERPARAMETERS  # small and fast; the demo trains with it too
 from trainer.layout import Layout
-from trainer.vllm_admin import VllmAdmin
+from trainer.service.vllm_admin import VllmAdmin
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

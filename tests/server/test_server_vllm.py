@@ -2,7 +2,7 @@
 
 One server for the module (startup is ~30-60 s on this CPU); tenants A and B, an admin,
 random-but-nonzero PEFT adapters on the shared volume. Clients are the official
-``openai`` package, httpx for raw routes, and ``trainer.vllm_admin``.
+``openai`` package, httpx for raw routes, and ``trainer.service.vllm_admin``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from server.middleware import PUBLIC_ROUTES, TENANT_ROUTES
 from trainer.layout import Layout
-from trainer.vllm_admin import VllmAdmin, VllmRejected, VllmUnavailable
+from trainer.service.vllm_admin import VllmAdmin, VllmRejected, VllmUnavailable
 
 pytestmark = pytest.mark.vllm
 

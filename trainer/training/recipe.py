@@ -1,7 +1,7 @@
 """The QLoRA recipe: one fine-tuning job, read top to bottom.
 
     setup   load the tokenizer; tokenize every example with it and its chat template
-            (``trainer.report``: labels on assistant turns / completions only) and
+            (``trainer.data.report``: labels on assistant turns / completions only) and
             refuse the job if the report finds an error (no EOS among the labels, ...);
             load the base in 4-bit NF4, prepare it for k-bit training, add LoRA
     train   TRL's SFTTrainer on those pre-tokenized rows, evaluating on the eval set
@@ -11,7 +11,7 @@
             return the final metrics
 
 The builder functions turn our ``JobConfig`` into library objects (STYLE.md rule 7);
-``run`` is the only entry point (``trainer.worker`` calls it in a subprocess, which is
+``run`` is the only entry point (``trainer.training.worker`` calls it in a subprocess, which is
 the one that knows how to report events and exit codes). bitsandbytes 0.50 runs NF4
 and 8-bit AdamW on CPU too (paging is GPU-only; on CPU it warns and runs unpaged), so
 the same path runs in CI and on a GPU.
@@ -39,12 +39,12 @@ from trl import SFTConfig, SFTTrainer
 
 from trainer import fastpath
 from trainer.config import JobConfig, JobSpec
+from trainer.data.report import base_tokenizer, for_spec
+from trainer.data.rows import RowFile
 from trainer.errors import InvalidArgument
 from trainer.events import Checkpoint, DatasetReport, Event, Progress, State
 from trainer.fastpath import FastPathConfig
 from trainer.memory import GIB, ModelShape, estimate_bytes
-from trainer.report import base_tokenizer, for_spec
-from trainer.rows import RowFile
 
 
 class UserError(Exception):
@@ -56,7 +56,7 @@ class UserError(Exception):
 
 
 class EventSink(Protocol):
-    """Where the recipe reports what it does (``trainer.worker`` writes JSON lines)."""
+    """Where the recipe reports what it does (``trainer.training.worker`` writes JSON lines)."""
 
     def emit(self, event: Event) -> None: ...
 
@@ -94,7 +94,7 @@ def sft_config(
 ) -> SFTConfig:
     """TRL's training arguments for one job; checkpoints go to ``spec.folder.checkpoints``.
 
-    The rows come tokenized with their labels (``trainer.report``), so TRL's own loss
+    The rows come tokenized with their labels (``trainer.data.report``), so TRL's own loss
     masking options stay off. With an eval set, checkpoints follow the evaluations and
     the best one by eval loss is loaded at the end.
     """

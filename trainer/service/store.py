@@ -115,7 +115,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(8)}"
 
 
-# What a store hands each event it stores to (trainer.observe.JobObserver, in the service).
+# What a store hands each event it stores to (trainer.service.observe.JobObserver, in the service).
 EventListener = Callable[[EventRecord], None]
 
 

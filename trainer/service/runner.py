@@ -2,9 +2,9 @@
 
 ``JobRunner`` is the seam: the scheduler and ``Jobs`` start runs through it and read
 their ``trainer.events`` back, by type. ``LocalRunner``, the one implementation today,
-starts subprocesses on this host: ``python -m trainer.worker SPEC`` (in a session of its
+starts subprocesses on this host: ``python -m trainer.training.worker SPEC`` (in a session of its
 own, so that a cancel or a crash ends the whole group and frees its memory, on the GPU
-the scheduler gives it) and ``python -m trainer.report SPEC`` (for ``ValidateDataset``).
+the scheduler gives it) and ``python -m trainer.data.report SPEC`` (for ``ValidateDataset``).
 Both die with the service (``trainer.processes.die_with_parent``).
 """
 
@@ -89,10 +89,10 @@ class LocalRunner:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(log, "ab") as stderr:
-            return await self._start(["trainer.worker", str(spec_file)], stderr, env, True)
+            return await self._start(["trainer.training.worker", str(spec_file)], stderr, env, True)
 
     async def validate(self, spec_file: Path, packing: bool, log: Path) -> Run:
-        args = ["trainer.report", str(spec_file), *(["--packing"] if packing else [])]
+        args = ["trainer.data.report", str(spec_file), *(["--packing"] if packing else [])]
         with open(log, "ab") as stderr:
             return await self._start(args, stderr, None, False)
 

@@ -2,7 +2,7 @@
 
 Bytes are written to a temporary file under ``DATA/tmp`` while they are hashed
 and counted; past the size limit, on a cut-off stream, or on a file that fails
-the structural check (``trainer.examples.scan``: every line, JSONL or Parquet),
+the structural check (``trainer.data.examples.scan``: every line, JSONL or Parquet),
 the temporary file is removed and nothing is recorded. Only a complete, valid
 upload is renamed to ``DATA/datasets/<sha256>``.
 """
@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 
+from trainer.data.examples import scan
 from trainer.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -23,10 +24,9 @@ from trainer.errors import (
     NotFound,
     ResourceExhausted,
 )
-from trainer.examples import scan
 from trainer.layout import Layout, fsync_dir
 from trainer.names import check_name
-from trainer.store import DatasetRecord, Store, new_id
+from trainer.service.store import DatasetRecord, Store, new_id
 
 
 class DatasetIngest:

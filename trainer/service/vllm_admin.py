@@ -1,6 +1,6 @@
 """The trainer's view of vLLM: hot-load, reload and unload adapters with the admin key.
 
-Used by ``trainer.publish`` so a new adapter's first request pays no load. vLLM being
+Used by ``trainer.service.publish`` so a new adapter's first request pays no load. vLLM being
 down is never fatal: every call raises ``VllmUnavailable`` (a ``VllmError``), which the
 publisher logs, and the resolver plugin loads the adapter on first use later.
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from trainer import events
 from trainer.config import EvalSplit, JobConfig
+from trainer.data.report import Report
 from trainer.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -20,9 +21,8 @@ from trainer.events import DatasetReport, Event, Failed
 from trainer.layout import write_atomic
 from trainer.memory import MemoryBudget
 from trainer.names import check_id, check_name
-from trainer.report import Report
-from trainer.scheduler import EventBus, Scheduler, job_spec
-from trainer.store import DatasetRecord, EventRecord, JobRecord, JobState, Store, new_id
+from trainer.service.scheduler import EventBus, Scheduler, job_spec
+from trainer.service.store import DatasetRecord, EventRecord, JobRecord, JobState, Store, new_id
 
 log = logging.getLogger(__name__)
 

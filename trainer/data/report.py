@@ -38,8 +38,8 @@ from typing import Any
 
 from trainer import events
 from trainer.config import JobConfig, JobSpec
+from trainer.data.examples import FORMATS, LineError, Row, examples, scan
 from trainer.errors import FailedPrecondition, InvalidArgument
-from trainer.examples import FORMATS, LineError, Row, examples, scan
 from trainer.processes import die_with_parent
 
 LINES_LISTED = 10
@@ -160,7 +160,7 @@ def tokenize_batch(
 
 
 def tokenize(row: Row, kind: str, tok: Any, ends: set[int]) -> Tokens:
-    """``input_ids`` and ``labels`` of one canonical row (see ``trainer.examples``)."""
+    """``input_ids`` and ``labels`` of one canonical row (see ``trainer.data.examples``)."""
     [t] = tokenize_batch([row], kind, tok, ends)
     if isinstance(t, LineError):
         raise t
@@ -338,7 +338,7 @@ def build(
 
     ``eval_at`` carves those positions out of ``rows`` for evaluation; ``eval_rows`` are
     a separate validation set. ``train`` and ``held_out`` receive the rows a job trains
-    and evaluates on (a ``trainer.rows.RowFile``); memory stays flat in the number of
+    and evaluates on (a ``trainer.data.rows.RowFile``); memory stays flat in the number of
     examples but for one int per example for the packed step count.
     """
     kind = FORMATS[fmt].kind
@@ -564,7 +564,7 @@ def for_spec(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trainer.report SPEC_JSON [--packing]``: the report as an event.
+    """``python -m trainer.data.report SPEC_JSON [--packing]``: the report as an event.
 
     The service runs this in a subprocess for ``ValidateDataset`` so that tokenizing a
     large file neither blocks its event loop nor holds the tokenizer in its memory. It

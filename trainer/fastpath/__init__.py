@@ -1,6 +1,6 @@
 """Speed-ups for the QLoRA recipe that leave what it computes unchanged.
 
-The recipe (``trainer.recipe``) stays one readable TRL ``SFTTrainer`` run; this module
+The recipe (``trainer.training.recipe``) stays one readable TRL ``SFTTrainer`` run; this module
 holds what it calls to make that run fast and lean on a GPU. Each piece computes the
 same function as the plain path (same loss up to bf16 rounding, same adapter format),
 and each runs for real on the CPU too, where the tests check it:
@@ -33,7 +33,7 @@ and each runs for real on the CPU too, where the tests check it:
   layer ``_LoraLinear``: ``base + scaling * (dropout(x) A^T) B^T`` with the LoRA term
   added into the base GEMM's output in place, and the input gradient's LoRA term added
   into the base one in place. Its dropout mask is drawn from a seed in a Triton kernel
-  and never stored (``trainer.kernels``): the backward draws it again in the epilogue of
+  and never stored (``trainer.fastpath.kernels``): the backward draws it again in the epilogue of
   the small GEMM that adds the LoRA term to the input gradient.
 * **Lean recompute.** A Llama-style layer ends in ``residual + down_proj(...)``; when the
   backward recomputes the layer, that output's value is never read, so the down
@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from trainer import kernels
+from trainer.fastpath import kernels
 
 ATTN_IMPLEMENTATION = "fastpath_varlen"
 
@@ -140,7 +140,7 @@ class FastPathConfig:
         metadata={
             "help": "Step the 8-bit optimizer on the LoRA weights packed into one buffer: "
             "one kernel and one device wait a step, not one per weight (448 at 8B; "
-            "bitsandbytes synchronises after each). The same numbers (trainer.flatparams)."
+            "bitsandbytes synchronises after each). The same numbers (trainer.fastpath.flatparams)."
         },
     )
 
@@ -149,7 +149,7 @@ class FastPathConfig:
         import bitsandbytes as bnb
         from transformers import Trainer
 
-        from trainer.flatparams import flat_optimizer
+        from trainer.fastpath.flatparams import flat_optimizer
 
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
         eight_bit = isinstance(cls, type) and issubclass(cls, bnb.optim.optimizer.Optimizer8bit)
@@ -931,7 +931,7 @@ class _LoraLinear(torch.autograd.Function):
     ``lora_first``: forward, input gradient) says so, the order is the other way round:
     the LoRA term is written first and the long base GEMM adds into it. The NF4 weight is
     dequantised in the forward and again in the backward, as bitsandbytes does. With
-    dropout, where Triton runs (``trainer.kernels``), the mask is drawn from a seed and
+    dropout, where Triton runs (``trainer.fastpath.kernels``), the mask is drawn from a seed and
     never stored: the backward's epilogue draws it again while adding the LoRA term.
     Elsewhere it is PyTorch's own (``native_dropout``, the kernel ``nn.Dropout`` runs).
     Either way a checkpointed layer's recompute draws the same mask (the seed comes from

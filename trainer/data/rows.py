@@ -1,6 +1,6 @@
 """A job's tokenized rows on disk: an Arrow stream file that ``datasets`` memory-maps.
 
-The report tokenizes every example once (``trainer.report``); the rows go straight to
+The report tokenizes every example once (``trainer.data.report``); the rows go straight to
 this file in batches, so a job's host memory does not grow with its dataset (a million
 examples as Python lists of ints would take gigabytes), and TRL reads them from it.
 """
@@ -12,7 +12,7 @@ from types import TracebackType
 
 import pyarrow as pa
 
-from trainer.report import Tokens
+from trainer.data.report import Tokens
 
 SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 BATCH_ROWS = 1024

@@ -6,7 +6,7 @@ QUEUED one, the scheduler the rest), and the store hands each one to the ``JobOb
 
 * a state change is logged as one line with ``job_id``, ``tenant`` and ``state``
   (a JSON object a line with ``--log-format json``);
-* a progress event is appended to the job's curves (``trainer.curves``);
+* a progress event is appended to the job's curves (``trainer.service.curves``);
 * a job that ends FAILED or CANCELLED gets its loss plot drawn (a SUCCEEDED one gets it
   from the scheduler just before publishing, so that the plot ships with the adapter).
 """
@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from trainer import curves
 from trainer.layout import Layout
-from trainer.store import EventRecord, JobState, Store
+from trainer.service import curves
+from trainer.service.store import EventRecord, JobState, Store
 
-log = logging.getLogger("trainer.jobs")
+log = logging.getLogger("trainer.service.jobs")
 
 
 class JobObserver:

@@ -13,9 +13,10 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter as _LibraryJsonFormatter
 
+from trainer.config import LOG_FORMATS as FORMATS
+
 # Attributes every LogRecord has; anything else on a record came in through ``extra``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-FORMATS = ("text", "json")
 
 
 def _extra(record: logging.LogRecord) -> dict[str, Any]:

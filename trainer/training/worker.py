@@ -1,4 +1,4 @@
-"""The training subprocess: ``python -m trainer.worker SPEC_JSON``.
+"""The training subprocess: ``python -m trainer.training.worker SPEC_JSON``.
 
 The scheduler starts one per job, in its own process group, and reads its stdout.
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if len(argv) != 1:
-            raise SystemExit("usage: python -m trainer.worker SPEC_JSON")
+            raise SystemExit("usage: python -m trainer.training.worker SPEC_JSON")
         from trainer.config import JobSpec
         from trainer.errors import FailedPrecondition, InvalidArgument
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         except InvalidArgument as e:
             events.emit(Failed(USER, str(e)))
             return EXIT_USER
-        from trainer.recipe import UserError, run  # torch, transformers, TRL from here on
+        from trainer.training.recipe import UserError, run  # torch, transformers, TRL from here on
     except BaseException as e:
         traceback.print_exc()
         events.emit(Failed(SYSTEM, system_error_message(e)))

@@ -8,9 +8,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from finetune.v1 import trainer_pb2 as pb
 from trainer.config import EvalSplit, JobConfig
+from trainer.data.report import Finding, Report
 from trainer.names import served_name
-from trainer.report import Finding, Report
-from trainer.store import AdapterRecord, DatasetRecord, ErrorKind, EventRecord, JobRecord, JobState
+from trainer.service.store import (
+    AdapterRecord,
+    DatasetRecord,
+    ErrorKind,
+    EventRecord,
+    JobRecord,
+    JobState,
+)
 
 _FORMATS = {
     "messages": pb.DATASET_FORMAT_MESSAGES,

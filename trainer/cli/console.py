@@ -1,6 +1,6 @@
 """What the command line prints for people: tables, durations, a sparkline, live job progress.
 
-Machine output (``--json``) does not come through here; ``trainer.__main__`` prints
+Machine output (``--json``) does not come through here; ``trainer.cli.main`` prints
 protobuf messages as JSON itself.
 """
 

@@ -13,20 +13,20 @@ from grpc_reflection.v1alpha import reflection
 
 from finetune.v1 import trainer_pb2, trainer_pb2_grpc
 from trainer.adapter_store import LocalAdapterStore
-from trainer.auth import Authenticator
 from trainer.config import ServiceConfig
-from trainer.datasets import DatasetIngest
-from trainer.jobs import Jobs
 from trainer.layout import Layout
 from trainer.memory import MemoryBudget
-from trainer.metrics import Metrics
-from trainer.observe import JobObserver
-from trainer.publish import AdapterLoader, Publisher
-from trainer.scheduler import EventBus, Scheduler
-from trainer.servicer import STATUS, TrainerServicer
-from trainer.store import SqliteStore
+from trainer.service.auth import Authenticator
+from trainer.service.datasets import DatasetIngest
+from trainer.service.jobs import Jobs
+from trainer.service.metrics import Metrics
+from trainer.service.observe import JobObserver
+from trainer.service.publish import AdapterLoader, Publisher
+from trainer.service.scheduler import EventBus, Scheduler
+from trainer.service.servicer import STATUS, TrainerServicer
+from trainer.service.store import SqliteStore
+from trainer.service.wire import DecodeGuard
 from trainer.tenants import TenantRegistry
-from trainer.wire import DecodeGuard
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ GRACE_S = 10.0
 def _loader(cfg: ServiceConfig) -> AdapterLoader | None:
     if not cfg.vllm_url:
         return None
-    from trainer.vllm_admin import VllmAdmin
+    from trainer.service.vllm_admin import VllmAdmin
 
     return VllmAdmin(cfg.vllm_url, cfg.vllm_admin_key)
 

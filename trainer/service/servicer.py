@@ -17,13 +17,14 @@ import grpc
 
 from finetune.v1 import trainer_pb2 as pb
 from finetune.v1 import trainer_pb2_grpc
-from trainer import convert, errors
-from trainer.auth import Authenticator
-from trainer.datasets import DatasetIngest
-from trainer.jobs import Jobs
+from trainer import errors
 from trainer.names import check_id, check_name
-from trainer.publish import Publisher
-from trainer.store import Store
+from trainer.service import convert
+from trainer.service.auth import Authenticator
+from trainer.service.datasets import DatasetIngest
+from trainer.service.jobs import Jobs
+from trainer.service.publish import Publisher
+from trainer.service.store import Store
 
 log = logging.getLogger(__name__)
 

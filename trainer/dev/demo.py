@@ -1,4 +1,4 @@
-"""The whole loop on one machine, no GPU needed: ``python -m trainer.demo``.
+"""The whole loop on one machine, no GPU needed: ``python -m trainer.dev.demo``.
 
 Builds the tiny test model (or takes ``--model DIR``, a local Llama/Mistral/Qwen folder),
 starts vLLM (``python -m server``, the CPU build here) and the trainer service as
@@ -51,10 +51,10 @@ def run(model: Path | None, data: Path) -> dict[str, dict[str, str]]:
     import httpx
     import openai
 
-    from trainer.client import TrainerClient
+    from trainer.cli.client import TrainerClient
+    from trainer.dev.tinymodel import build_tiny_model
     from trainer.layout import Layout
     from trainer.tenants import TenantRegistry
-    from trainer.tinymodel import build_tiny_model
 
     data.mkdir(parents=True, exist_ok=True)
     if model is None:
@@ -143,7 +143,7 @@ def run(model: Path | None, data: Path) -> dict[str, dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.demo", description=__doc__.split("\n\n")[0]
+        prog="python -m trainer.dev.demo", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--model", type=Path, help="a local model folder (default: tiny model)")
     parser.add_argument("--data-dir", type=Path, help="default: a temporary folder")

@@ -17,7 +17,7 @@ from trainer.adapter_store import AdapterStore
 from trainer.config import ALL_PROJECTIONS, VLLM_LORA_RANKS
 from trainer.errors import NotFound
 from trainer.names import served_name
-from trainer.store import AdapterRecord, Store
+from trainer.service.store import AdapterRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class AdapterRejected(Exception):
 
 
 class AdapterLoader(Protocol):
-    """The serving side, as the publisher sees it (``trainer.vllm_admin``)."""
+    """The serving side, as the publisher sees it (``trainer.service.vllm_admin``)."""
 
     async def reload(self, served: str, path: Path) -> bool: ...
     async def unload(self, served: str) -> bool: ...
@@ -90,9 +90,7 @@ class Publisher:
         """Publish ``src`` as the next version of ``<tenant>/<adapter>``; return the version."""
         check_adapter(src, self.max_lora_rank)
         async with self._lock:
-            version = await asyncio.to_thread(
-                self.adapters.publish, tenant, adapter, src, manifest
-            )
+            version = await asyncio.to_thread(self.adapters.publish, tenant, adapter, src, manifest)
         self.store.add_adapter(
             AdapterRecord(
                 tenant=tenant,

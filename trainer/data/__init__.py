@@ -1,0 +1,1 @@
+"""Datasets: the formats, read and checked; the report of what a job will train on."""

@@ -1,0 +1,1 @@
+"""The gRPC service: the servicer and what it calls, and the seams (store, runner)."""

@@ -1,0 +1,1 @@
+"""The training subprocess and the QLoRA recipe it runs."""
