@@ -62,14 +62,11 @@ def build(model_dir: Path, out: Path) -> None:
         from tokenizers import Tokenizer, models
         from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+        from bench.tokenwords import LLAMA_8B  # the shape the serving bench uses too
+
         t0 = time.time()
         config = LlamaConfig(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
+            **LLAMA_8B,
             max_position_embeddings=131072,
             rms_norm_eps=1e-5,
             tie_word_embeddings=False,
