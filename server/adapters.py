@@ -1,10 +1,12 @@
 """Finding a tenant's published adapter, for the resolver and the middleware.
 
-A served name ``<tenant>/<adapter>`` is split and both parts validated by
-``trainer.names`` before the adapter store (``trainer.adapter_store``) is asked for
-anything, so ``..``, absolute paths, extra slashes and non-ASCII names never reach it. The
-adapter served is the store's current version, fetched into a local folder; it is served
-only if its ``adapter_config.json`` says LoRA on the base model served here.
+A served name, ``<tenant>/<adapter>`` or ``<tenant>/<adapter>@<version>``, is parsed and
+every part validated by ``trainer.names`` before the adapter store
+(``trainer.adapter_store``) is asked for anything, so ``..``, absolute paths, extra
+slashes and non-ASCII names never reach it. The plain name serves the store's current
+version; the versioned one serves exactly that version, whatever ``current`` says, while
+the adapter is published and the version held. Either is fetched into a local folder and
+served only if its ``adapter_config.json`` says LoRA on the base model served here.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from trainer.adapter_store import AdapterStore
 from trainer.errors import InvalidArgument
-from trainer.names import split_served_name
+from trainer.names import ServedName, parse_served_name, split_served_name
 
 # Under "vllm.": these run inside vLLM, whose logging setup then shows our lines too.
 log = logging.getLogger("vllm.finetune.adapters")
@@ -35,22 +37,37 @@ class PublishedAdapter:
     adapter: str
     version: str
     path: Path
+    explicit: bool = False
+    """Asked for by version (``<tenant>/<adapter>@<version>``), not as the current one."""
 
     @property
     def served_name(self) -> str:
-        return f"{self.tenant}/{self.adapter}"
+        """The name it was asked for, which vLLM loads it under."""
+        return str(ServedName(self.tenant, self.adapter, self.version if self.explicit else None))
 
     @property
     def lora_int_id(self) -> int:
-        return stable_lora_id(self.tenant, self.adapter, self.version)
+        return stable_lora_id(self.tenant, self.adapter, self.version, explicit=self.explicit)
 
 
-def stable_lora_id(tenant: str, adapter: str, version: str) -> int:
+def stable_lora_id(tenant: str, adapter: str, version: str, *, explicit: bool = False) -> int:
     """A positive id in [1, 2**31 - 1], the same in every process and after restarts.
 
     Derived from SHA-256, never from Python's ``hash()``, which is salted per process.
+
+    The id is one per (served name, version) pair: ``t/a`` serving v0002 hashes
+    ``t/a/v0002`` (as before versioned names existed, so those ids did not change),
+    ``t/a@v0002`` hashes ``t/a@v0002``. Neither ``/`` nor ``@`` can occur in a name or a
+    version, so the two kinds of key never coincide. They must differ: vLLM keys loaded
+    adapters by name in the API server (``OpenAIServingModels.lora_requests``) but by
+    ``lora_int_id`` in the engine (``LRUCacheWorkerLoRAManager.add_adapter`` loads only
+    an id it does not hold, or replaces it for ``load_inplace``). Two names sharing an id
+    would share one slot: reloading ``t/a`` in place with v0003 (publish, rollback) would
+    make ``t/a@v0002`` answer with v0003's weights. Including the version keeps ``t/a``'s
+    id new whenever it moves to another version, as before.
     """
-    digest = hashlib.sha256(f"{tenant}/{adapter}/{version}".encode()).digest()
+    sep = "@" if explicit else "/"
+    digest = hashlib.sha256(f"{tenant}/{adapter}{sep}{version}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % _ID_MODULUS + 1
 
 
@@ -69,13 +86,20 @@ def _base_of(path: Path) -> str | None:
 def find(
     adapters: AdapterStore, model: str, accepted_bases: Iterable[str]
 ) -> PublishedAdapter | None:
-    """The current version of ``model`` (``<tenant>/<adapter>``) if it may be served here."""
-    parts = split_served_name(model) if isinstance(model, str) else None
-    if parts is None:
+    """The adapter version ``model`` names, if it may be served here.
+
+    ``<tenant>/<adapter>``: the current version. ``<tenant>/<adapter>@<version>``: that
+    version if the store holds it, whatever ``current`` names, but only while the adapter
+    is published (has a current version): an unpublished adapter is gone under every name.
+    """
+    name = parse_served_name(model)
+    if name is None:
         return None
-    tenant, adapter = parts
+    tenant, adapter = name.tenant, name.adapter
     try:
         version = adapters.current(tenant, adapter)
+        if version is not None and name.version is not None:
+            version = name.version
         path = adapters.fetch(tenant, adapter, version) if version else None
     except (InvalidArgument, ValueError, OSError):
         return None
@@ -92,13 +116,19 @@ def find(
             sorted(accepted),
         )
         return None
-    return PublishedAdapter(tenant=tenant, adapter=adapter, version=version, path=path)
+    return PublishedAdapter(
+        tenant=tenant,
+        adapter=adapter,
+        version=version,
+        path=path,
+        explicit=name.version is not None,
+    )
 
 
 def list_published(
     adapters: AdapterStore, tenant: str, accepted_bases: Iterable[str]
 ) -> list[PublishedAdapter]:
-    """Every servable adapter of ``tenant``, by name."""
+    """Every servable adapter of ``tenant``, by plain name (its current version)."""
     accepted = list(accepted_bases)
     found = []
     for name in adapters.names(tenant):

@@ -10,13 +10,17 @@ vLLM's own, so every request meets it before any route:
   ``/invocations``, ``/metrics``, ``/v1/responses``, ...) answers 403. ``PUBLIC_ROUTES``
   (health checks) need no key.
 * On the inference routes a tenant may name the base model or its own
-  ``<tenant>/<adapter>``. Any other ``model`` gets the 404 vLLM gives for a missing
-  model; vLLM's own 404s on these routes are replaced by the same body, so another
-  tenant's adapter and a nonexistent one answer byte for byte alike.
+  ``<tenant>/<adapter>``, or one version of it, ``<tenant>/<adapter>@v0002``. Any other
+  ``model`` gets the 404 vLLM gives for a missing model; vLLM's own 404s on these routes
+  are replaced by the same body, so another tenant's adapter (any version of it) and a
+  nonexistent one answer byte for byte alike. A versioned name is checked against the
+  volume on every request, so a version deleted (or an adapter unpublished) while vLLM
+  still holds it loaded is not served on.
 * Each tenant's prompts get their own prefix-cache salt, so one tenant cannot time
   another's cached prompts on the shared base model.
 * ``GET /v1/models`` shows a tenant the base and its own adapters only (loaded ones and
-  those published on the volume), without server paths.
+  those published on the volume), without server paths; one card per adapter, not one
+  per version.
 
 Settings come from the environment the launcher sets (``server.ENV_*``).
 """
@@ -34,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, ENV_TENANTS_FILE
-from server.adapters import list_published
+from server.adapters import find, list_published
 from trainer.adapter_store import LocalAdapterStore
 from trainer.layout import Layout
-from trainer.names import split_served_name
+from trainer.names import ServedName, parse_served_name
 from trainer.tenants import Tenant, TenantRegistry
 
 # Under "vllm.": these run inside vLLM, whose logging setup then shows our lines too.
@@ -215,10 +219,24 @@ class TenantMiddleware:
         return error_body(message, "NotFoundError", 404, "model")
 
     def may_use(self, tenant: Tenant, model: str) -> bool:
+        """The base, or a name of the tenant's own: ``own/adapter`` or ``own/adapter@v0002``."""
         if model == "" or model == self.base_model:  # vLLM serves "" as the base
             return True
-        parts = split_served_name(model)
-        return parts is not None and parts[0] == tenant.name
+        name = parse_served_name(model)
+        return name is not None and name.tenant == tenant.name
+
+    def version_held(self, name: ServedName) -> bool:
+        """Whether the volume still serves a versioned name.
+
+        The trainer unloads an adapter from vLLM by its plain name only; a version vLLM
+        loaded under ``<tenant>/<adapter>@<version>`` stays loaded (and in its CPU cache)
+        after that version is deleted or the adapter unpublished. Asking the volume each
+        time keeps such a name from answering on. Plain names need no such check.
+        """
+        if self.adapters is None:
+            return True  # no volume to ask; vLLM's resolver decides alone
+        bases = [self.base_model, self.model_path or ""]
+        return find(self.adapters, str(name), bases) is not None
 
     async def _read_body(self, receive: Receive) -> bytes | int:
         """The whole body, or the status to answer instead (0: the client went away)."""
@@ -261,6 +279,11 @@ class TenantMiddleware:
             await send_json(send, 400, error_body(msg, "BadRequestError", 400, "model"))
             return
         if not self.may_use(tenant, model):
+            await send_json(send, 404, self.not_found(model))
+            return
+        name = parse_served_name(model)
+        # A few stats and one small read: off the event loop.
+        if name and name.version and not await asyncio.to_thread(self.version_held, name):
             await send_json(send, 404, self.not_found(model))
             return
         if salted:
@@ -339,15 +362,23 @@ class TenantMiddleware:
         await send_json(send, 200, json.dumps(listing, separators=(",", ":")).encode())
 
     def visible_models(self, tenant: Tenant, cards: list[Any]) -> list[dict[str, Any]]:
-        """The base and the tenant's adapters, loaded or published; server paths removed."""
+        """The base and the tenant's adapters, loaded or published; server paths removed.
+
+        Versioned names (``A/x@v0001``) are not listed even when vLLM has one loaded: the
+        list shows each adapter once, under the name that serves its current version,
+        whatever versions someone happened to ask for; versions are listed with their
+        manifests by the trainer's API, and any of them can be named without being listed.
+        """
         shown: dict[str, dict[str, Any]] = {}
         for card in cards:
             if not isinstance(card, dict) or not isinstance(card.get("id"), str):
                 continue
-            if card["id"] == self.base_model or (
-                card["id"] != "" and self.may_use(tenant, card["id"])
+            card_id = card["id"]
+            name = parse_served_name(card_id)
+            if card_id == self.base_model or (
+                name is not None and name.version is None and name.tenant == tenant.name
             ):
-                shown[card["id"]] = {**card, "root": card["id"]}
+                shown[card_id] = {**card, "root": card_id}
         if self.adapters is not None:
             bases = [self.base_model, self.model_path or ""]
             for found in list_published(self.adapters, tenant.name, bases):

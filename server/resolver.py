@@ -1,5 +1,8 @@
 """The LoRA resolver plugin: vLLM loads ``<tenant>/<adapter>`` from the shared volume on first use.
 
+``<tenant>/<adapter>@<version>`` (``A/x@v0002``) loads that version, beside the current
+one and under its own name and id, for side-by-side comparison (``server.adapters``).
+
 Registered through the ``vllm.general_plugins`` entry point (see pyproject.toml).
 vLLM consults resolvers when a request names a model it has not loaded, and only
 when ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` is set (the launcher sets it). So
@@ -7,8 +10,9 @@ adapters come back by themselves after a restart, and one published while vLLM
 was down is served on first use.
 
 vLLM's own filesystem resolver joins ``model`` onto a folder (following ``..`` and
-absolute paths) and ids adapters with ``hash()``; this one validates both name
-parts first and resolves to the immutable version folder ``current`` names.
+absolute paths) and ids adapters with ``hash()``; this one validates every name
+part first and resolves to an immutable version folder: the one ``current`` names, or
+the one the name asks for.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ _FOREIGN_RESOLVER_ENV = ("VLLM_LORA_RESOLVER_CACHE_DIR", "VLLM_LORA_RESOLVER_HF_
 
 
 class FinetuneResolver(LoRAResolver):
-    """Resolves ``<tenant>/<adapter>`` to its current published version."""
+    """Resolves ``<tenant>/<adapter>`` to its current published version and
+    ``<tenant>/<adapter>@<version>`` to that version."""
 
     def __init__(self, data_dir: Path, base_names: list[str]) -> None:
         self.adapters = LocalAdapterStore(Layout(Path(data_dir)))
@@ -47,7 +52,8 @@ class FinetuneResolver(LoRAResolver):
         if found is None:
             return None
         # vLLM 0.32's OpenAIServingModels.resolve_lora overwrites lora_int_id with its own
-        # counter; the stable id still serves any caller that keeps it.
+        # counter; the stable id still serves any caller that keeps it. The name is the
+        # one asked for (parsing is canonical), so a versioned name is loaded as itself.
         return LoRARequest(
             lora_name=found.served_name,
             lora_int_id=found.lora_int_id,
