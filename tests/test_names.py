@@ -29,7 +29,17 @@ from server.middleware import TenantMiddleware
 from trainer.adapter_store import LocalAdapterStore
 from trainer.errors import AlreadyExists, InvalidArgument
 from trainer.layout import CURRENT, Layout, write_atomic
-from trainer.names import MAX_NAME_LEN, check_id, check_name, fold, split_served_name
+from trainer.names import (
+    MAX_NAME_LEN,
+    ServedName,
+    check_id,
+    check_name,
+    check_version,
+    fold,
+    parse_served_name,
+    served_name,
+    split_served_name,
+)
 from trainer.tenants import TenantRegistry
 
 HOSTILE = [
@@ -132,6 +142,114 @@ def test_case_folding_collisions_are_refused(tmp_path: Path) -> None:
     assert [t.name for t in reg.list()] == ["acme"]
 
 
+# ------------------------------------------------------------------ served names
+
+
+@pytest.mark.parametrize(
+    ("model", "parsed"),
+    [
+        ("A/x", ServedName("A", "x")),
+        ("A/x@v0002", ServedName("A", "x", "v0002")),
+        ("acme/my-adapter.v2_b@v0001", ServedName("acme", "my-adapter.v2_b", "v0001")),
+        ("A/x@v10000", ServedName("A", "x", "v10000")),
+        ("A/x@v123456789", ServedName("A", "x", "v123456789")),
+    ],
+)
+def test_served_names_parse_into_tenant_adapter_and_version(model: str, parsed) -> None:
+    assert parse_served_name(model) == parsed
+    # One spelling per name: the parts give the same string back.
+    assert str(parsed) == model
+    assert served_name(parsed.tenant, parsed.adapter, parsed.version) == model
+
+
+MALFORMED_VERSIONED = [
+    "A/x@",
+    "A/x@x1",
+    "A/x@v1",
+    "A/x@v001",
+    "A/x@v1@v2",
+    "A/x@v0001@v0002",
+    "A/x@v0001@",
+    "A/x@@v0001",
+    "A/x@V0001",
+    "A/x@0001",
+    "A/x@v1234567890",  # longer than any version the store names
+    "A/x@v0001 ",
+    "A/x@v0001\n",
+    "A/x@ v0001",
+    "A/x@v0001/",
+    "A/x@/v0001",
+    "A/x@../v0001",
+    "A/x@v0001/../../B/y",
+    "A/x@v\u0661\u0662\u0663\u0664",  # Arabic-Indic digits: \d would take them
+    "A/x@\uff560001",  # fullwidth v
+    "A/x@v\uff10\uff10\uff10\uff11",  # fullwidth digits
+    "A@v0001/x",
+    "A/@v0001",
+    "@v0001",
+    "@",
+    "A/x/@v0001",
+    "A/x/v0001",
+    "../A/x@v0001",
+    "A/.x@v0001",
+    "A/x@latest",
+    "A/x@current",
+]
+
+
+@pytest.mark.parametrize(
+    "model", MALFORMED_VERSIONED + [h for h in HOSTILE if h != "a/b"], ids=repr
+)
+def test_malformed_served_names_are_refused(model: str) -> None:
+    assert parse_served_name(model) is None
+    assert split_served_name(model) is None
+
+
+def test_split_served_name_keeps_refusing_versioned_names() -> None:
+    # Its callers know only the plain form; a versioned name is not one for them.
+    assert split_served_name("A/x") == ("A", "x")
+    assert split_served_name("A/x@v0001") is None
+    assert parse_served_name(None) is None  # type: ignore[arg-type]
+
+
+def test_versions_are_checked_where_names_are_built() -> None:
+    assert check_version("v0001", "version") == "v0001"
+    for bad in ("", "v1", "v0001\n", "0001", "v\u0661\u0662\u0663\u0664", "v0001@v0002"):
+        with pytest.raises(InvalidArgument) as e:
+            check_version(bad, "version")
+        assert str(e.value).startswith("version: ")
+    with pytest.raises(InvalidArgument):
+        served_name("A", "x", "latest")
+    with pytest.raises(InvalidArgument):
+        served_name("A", "x@v0001")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    model=st.one_of(
+        st.text(max_size=40),
+        st.builds(
+            lambda name, sep, version: f"{name}{sep}{version}",
+            st.sampled_from(["A/x", "A/x@v0001", "A", "A/", "/x", "A/x/", "..", ""]),
+            st.sampled_from(["@", "@@", "/", "", "@v0001@"]),
+            st.one_of(st.text(max_size=12), st.from_regex(r"v[0-9]{0,11}", fullmatch=True)),
+        ),
+    )
+)
+def test_any_accepted_served_name_has_one_spelling_and_safe_parts(model: str) -> None:
+    parsed = parse_served_name(model)
+    if parsed is None:
+        return
+    assert str(parsed) == model
+    assert check_name(parsed.tenant, "t") == parsed.tenant
+    assert check_name(parsed.adapter, "a") == parsed.adapter
+    assert model.count("/") == 1 and model.count("@") == (parsed.version is not None)
+    if parsed.version is not None:
+        assert parsed.version[0] == "v" and parsed.version[1:].isdigit()
+        assert parsed.version[1:].isascii() and 4 <= len(parsed.version) - 1 <= 9
+    assert (split_served_name(model) is not None) == (parsed.version is None)
+
+
 # ------------------------------------------------------------------ server side
 
 
@@ -160,7 +278,7 @@ def volume(tmp_path_factory: pytest.TempPathFactory) -> Layout:
     return layout
 
 
-SERVED = {"acme/secret", "bolt/other"}
+SERVED = {"acme/secret", "bolt/other", "acme/secret@v0001", "bolt/other@v0001"}
 
 
 @settings(max_examples=400, deadline=None)
@@ -173,6 +291,11 @@ SERVED = {"acme/secret", "bolt/other"}
             st.sampled_from(["acme", "ACME", "bolt", "..", "", "\uff41cme", "data", "x"]),
             st.sampled_from(["secret", "SECRET", "other", "..", "link", "v0001", "x", ""]),
             st.sampled_from(["/", "//", "/../", "\\", "/./", "%2f"]),
+        ),
+        st.builds(
+            lambda name, version: f"{name}@{version}",
+            st.sampled_from(["acme/secret", "bolt/other", "acme/link", "data/x", "acme/../x"]),
+            st.sampled_from(["v0001", "v0002", "v1", "", "v0001@v0001", "../v0001", "V0001"]),
         ),
     )
 )
@@ -219,12 +342,21 @@ def gate(volume: Layout):
         st.sampled_from(HOSTILE),
         st.sampled_from(["acme/secret", "ACME/secret", "acme/../bolt/other", "\uff41cme/secret"]),
         st.sampled_from(["bolt/other", "acme//secret", "/acme/secret", "acme/secret/", "tiny"]),
+        st.sampled_from(["acme/secret@v0001", "acme/secret@v0002", "acme/other@v0001"]),
+        st.sampled_from(
+            ["bolt/other@v0001", "acme/secret@", "acme/secret@v1@v2", "acme/link@v0001"]
+        ),
     )
 )
 def test_middleware_passes_only_the_base_and_the_callers_own_names(gate, model: str) -> None:
     app, key = gate
-    parts = split_served_name(model)
-    allowed = model in ("", "tiny") or (parts is not None and parts[0] == "acme")
+    parsed = parse_served_name(model)
+    allowed = model in ("", "tiny") or (
+        parsed is not None
+        and parsed.tenant == "acme"
+        # A version is checked against the volume: only the one held passes.
+        and (parsed.version is None or model == "acme/secret@v0001")
+    )
 
     async def go() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ from server.middleware import TENANT_ROUTES, TenantMiddleware, describe_routes
 from trainer.layout import CURRENT, Layout, write_atomic
 from trainer.tenants import TenantRegistry
 
-LOADED = ["A/x", "B/y", "unnamed-by-admin"]
+# Versioned names as vLLM lists them once someone asked for them (A/x@v0001).
+LOADED = ["A/x", "B/y", "unnamed-by-admin", "A/x@v0001", "B/y@v0001"]
 
 
 async def _generate(request: Request) -> JSONResponse:
@@ -229,10 +231,64 @@ def test_models_lists_base_and_own_adapters_without_paths(setup) -> None:
                 r = await c.get("/v1/models", headers=_auth(keys[who]))
                 assert r.status_code == 200
                 seen[who] = r.json()["data"]
+            # One card per adapter: a loaded A/x@v0001 is not listed.
             assert [m["id"] for m in seen["A"]] == ["tiny", "A/x", "A/pub"]
             assert [m["id"] for m in seen["B"]] == ["tiny", "B/y", "B/hidden"]
             assert all(m["root"] == m["id"] for m in seen["A"] + seen["B"])
             assert [m["id"] for m in seen["admin"]] == ["tiny", *LOADED]
+
+    run(go())
+
+
+def _publish_fake(layout: Layout, tenant: str, name: str, version: str) -> Path:
+    folder = layout.version_dir(tenant, name, version)
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": "tiny"})
+    )
+    write_atomic(layout.adapter_dir(tenant, name) / CURRENT, version.encode())
+    return folder
+
+
+def test_versioned_names_are_own_names_checked_against_the_volume(setup) -> None:
+    layout, _, keys = setup
+
+    async def go():
+        async with _client(_app(layout)) as c:
+
+            async def ask(who: str, model: str) -> httpx.Response:
+                body = {"model": model, "prompt": "x"}
+                return await c.post("/v1/completions", json=body, headers=_auth(keys[who]))
+
+            # vLLM holds A/x@v0001 loaded, but the volume has no A/x: not served on.
+            gone = await ask("A", "A/x@v0001")
+            assert gone.status_code == 404
+            v1 = _publish_fake(layout, "A", "x", "v0001")
+            r = await ask("A", "A/x@v0001")
+            assert r.status_code == 200 and r.json()["model"] == "A/x@v0001"
+            assert json.loads(r.json()["echo"])["cache_salt"] == "tenant-A"
+            # Another tenant's version answers exactly like a missing one.
+            _publish_fake(layout, "B", "y", "v0001")
+            other = await ask("A", "B/y@v0001")
+            missing = await ask("A", "A/x@v0009")
+            assert other.status_code == missing.status_code == 404
+            assert other.content.replace(b"B/y@v0001", b"A/x@v0009") == missing.content
+            assert gone.content.replace(b"A/x@v0001", b"A/x@v0009") == missing.content
+            # B uses its own, and the admin anything, unchecked.
+            assert (await ask("B", "B/y@v0001")).status_code == 200
+            assert (await ask("admin", "B/y@v0001")).status_code == 200
+            # Malformed: the same 404, before the app.
+            for bad in ("A/x@", "A/x@x1", "A/x@v1@v2", "A/x@v0001@v0001"):
+                r = await ask("A", bad)
+                assert r.status_code == 404, bad
+                assert r.content == missing.content.replace(b"A/x@v0009", bad.encode())
+            # A newer current leaves v0001 addressable; deleting v0001's folder ends it
+            # even though vLLM (here: the fake app) still has it loaded.
+            _publish_fake(layout, "A", "x", "v0002")
+            assert (await ask("A", "A/x@v0001")).status_code == 200
+            shutil.rmtree(v1)
+            assert (await ask("A", "A/x@v0001")).status_code == 404
+            assert (await ask("A", "A/x")).status_code == 200
 
     run(go())
 

@@ -49,6 +49,56 @@ def test_finds_the_current_version(layout: Layout) -> None:
     assert found2.lora_int_id != found.lora_int_id
 
 
+def test_a_versioned_name_finds_that_version_whatever_current_says(layout: Layout) -> None:
+    store = LocalAdapterStore(layout)
+    _fake_adapter(layout, "A", "x", version="v0002")
+    current = find(store, "A/x", BASES)
+    first = find(store, "A/x@v0001", BASES)
+    second = find(store, "A/x@v0002", BASES)
+    assert current is not None and first is not None and second is not None
+    assert (current.version, first.version, second.version) == ("v0002", "v0001", "v0002")
+    assert first.path == layout.version_dir("A", "x", "v0001")
+    assert second.path == current.path == layout.version_dir("A", "x", "v0002")
+    # vLLM loads each under the name asked for...
+    assert [a.served_name for a in (current, first, second)] == ["A/x", "A/x@v0001", "A/x@v0002"]
+    # ...and, since its engine keys adapters by id, each name gets its own, even where
+    # two names serve the same folder.
+    ids = {a.lora_int_id for a in (current, first, second)}
+    assert len(ids) == 3
+    assert current.lora_int_id == stable_lora_id("A", "x", "v0002")
+    assert second.lora_int_id == stable_lora_id("A", "x", "v0002", explicit=True)
+    # Rolling back (current -> v0001) changes what the plain name serves, not the others.
+    write_atomic(layout.adapter_dir("A", "x") / CURRENT, b"v0001")
+    rolled = find(store, "A/x", BASES)
+    assert rolled is not None and rolled.version == "v0001"
+    assert rolled.lora_int_id not in ids
+    assert find(store, "A/x@v0002", BASES) == second
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["A/x@v0009", "A/x@", "A/x@x1", "A/x@v1@v2", "A/x@v0001@v0001", "A/x@v1", "B/x@v0001"],
+)
+def test_a_missing_or_malformed_version_finds_nothing(layout: Layout, model: str) -> None:
+    assert find(LocalAdapterStore(layout), model, BASES) is None
+
+
+def test_versions_of_an_unpublished_or_foreign_base_adapter_are_not_served(
+    layout: Layout,
+) -> None:
+    store = LocalAdapterStore(layout)
+    _fake_adapter(layout, "A", "x", version="v0002", base_model_name_or_path="other/base")
+    assert find(store, "A/x@v0001", BASES) is not None
+    assert find(store, "A/x@v0002", BASES) is None
+    # Unpublished: the name stops resolving under every spelling, versions still held.
+    store.unpublish("A", "x")
+    assert layout.version_dir("A", "x", "v0001").is_dir()
+    assert find(store, "A/x", BASES) is None
+    assert find(store, "A/x@v0001", BASES) is None
+    # Not listed either: the listing is one adapter per plain name.
+    assert list_published(store, "A", BASES) == []
+
+
 @pytest.mark.parametrize(
     "model",
     [
@@ -117,8 +167,11 @@ def test_lists_a_tenants_adapters_only(layout: Layout) -> None:
 
 
 def test_ids_are_stable_across_processes_and_positive() -> None:
-    ids = {stable_lora_id("A", "x", "v0001")}
-    code = "from server.adapters import stable_lora_id; print(stable_lora_id('A', 'x', 'v0001'))"
+    ids = {(stable_lora_id("A", "x", "v0001"), stable_lora_id("A", "x", "v0001", explicit=True))}
+    code = (
+        "from server.adapters import stable_lora_id as i; "
+        "print(i('A', 'x', 'v0001'), i('A', 'x', 'v0001', explicit=True))"
+    )
     for seed in ("1", "2"):
         out = subprocess.run(
             [sys.executable, "-c", code],
@@ -127,9 +180,15 @@ def test_ids_are_stable_across_processes_and_positive() -> None:
             check=True,
             env={**os.environ, "PYTHONHASHSEED": seed},
         )
-        ids.add(int(out.stdout))
+        plain, explicit = out.stdout.split()
+        ids.add((int(plain), int(explicit)))
     assert len(ids) == 1
-    values = [stable_lora_id("t", f"a{i}", "v0001") for i in range(2000)]
+    values = [
+        stable_lora_id("t", f"a{i}", f"v{v:04d}", explicit=explicit)
+        for i in range(500)
+        for v in (1, 2)
+        for explicit in (False, True)
+    ]
     assert all(1 <= v < 2**31 for v in values)
     assert len(set(values)) == len(values)
 
@@ -160,5 +219,11 @@ def test_plugin_registers_only_with_a_data_dir(
         assert request.lora_int_id == stable_lora_id("A", "x", "v0001")
         assert asyncio.run(resolver.resolve_lora("/models/tiny", "../B/y")) is None
         assert asyncio.run(resolver.resolve_lora("/models/tiny", "A/missing")) is None
+        pinned = asyncio.run(resolver.resolve_lora("/models/tiny", "A/x@v0001"))
+        assert pinned is not None and pinned.lora_name == "A/x@v0001"
+        assert pinned.lora_path == request.lora_path
+        assert pinned.lora_int_id == stable_lora_id("A", "x", "v0001", explicit=True)
+        assert pinned.lora_int_id != request.lora_int_id
+        assert asyncio.run(resolver.resolve_lora("/models/tiny", "A/x@v0002")) is None
     finally:
         LoRAResolverRegistry.resolvers.pop(RESOLVER_NAME, None)
