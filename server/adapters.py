@@ -64,7 +64,9 @@ def stable_lora_id(tenant: str, adapter: str, version: str, *, explicit: bool = 
     an id it does not hold, or replaces it for ``load_inplace``). Two names sharing an id
     would share one slot: reloading ``t/a`` in place with v0003 (publish, rollback) would
     make ``t/a@v0002`` answer with v0003's weights. Including the version keeps ``t/a``'s
-    id new whenever it moves to another version, as before.
+    id new whenever it moves to another version, as before. (vLLM 0.32's API server
+    replaces the resolver's id with a counter of its own, one per name, which keeps names
+    apart too; these ids hold for any caller that keeps them.)
     """
     sep = "@" if explicit else "/"
     digest = hashlib.sha256(f"{tenant}/{adapter}{sep}{version}".encode()).digest()
