@@ -1,6 +1,7 @@
 """The job store keeps what must hold across processes, each in one transaction: the
-next job is claimed fairly and once, and an adapter name has one active job. Tested on
-the real SQLite file, from several processes at once."""
+next job is claimed fairly and once, and an adapter name has one active job. Every test
+runs on both stores, the real SQLite file and a real PostgreSQL database (``where`` names
+either), from several processes at once where it says so."""
 
 from __future__ import annotations
 
@@ -9,13 +10,32 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from trainer.errors import AlreadyExists, StorageFull
-from trainer.service.store import AdapterRecord, JobRecord, JobState, SqliteStore
+from trainer.service.pgstore import PostgresStore
+from trainer.service.store import AdapterRecord, JobRecord, JobState, SqliteStore, Store
+
+pytest_plugins = ("tests.postgres",)
 
 
-def _job(store: SqliteStore, tenant: str, n: int, created: float, **fields: Any) -> str:
+def open_store(where: str) -> SqliteStore | PostgresStore:
+    """The store at ``where``: a PostgreSQL URL, or an SQLite file's path."""
+    if where.startswith("postgresql://"):
+        return PostgresStore(where)
+    return SqliteStore(Path(where))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh store's location, for each engine."""
+    if request.param == "sqlite":
+        return str(tmp_path / "jobs.db")
+    return str(request.getfixturevalue("postgres_dsn"))
+
+
+def _job(store: Store, tenant: str, n: int, created: float, **fields: Any) -> str:
     job_id = f"job-{tenant}-{n}"
     store.add_job(
         JobRecord(job_id, tenant, "tiny", "ds-1", "0" * 64, f"a{n}", {}, created_at=created)
@@ -25,8 +45,8 @@ def _job(store: SqliteStore, tenant: str, n: int, created: float, **fields: Any)
     return job_id
 
 
-def test_claims_are_fair_across_tenants_and_fifo_within_one(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "jobs.db")
+def test_claims_are_fair_across_tenants_and_fifo_within_one(where: str) -> None:
+    store = open_store(where)
     ended = {"state": JobState.SUCCEEDED}
     # acme last started a job at 200 and bolt at 100 (both jobs ended since); cato never;
     # dana's queued job ran before a restart (started at 300) and waits to resume.
@@ -52,8 +72,8 @@ def test_claims_are_fair_across_tenants_and_fifo_within_one(tmp_path: Path) -> N
     store.close()
 
 
-def test_an_adapter_name_has_one_active_job_and_one_case(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "jobs.db")
+def test_an_adapter_name_has_one_active_job_and_one_case(where: str) -> None:
+    store = open_store(where)
 
     def add(job_id: str, name: str) -> None:
         store.add_job(JobRecord(job_id, "acme", "tiny", "ds-1", "0" * 64, name, {}))
@@ -74,7 +94,7 @@ def test_an_adapter_name_has_one_active_job_and_one_case(tmp_path: Path) -> None
 
 
 def _race_add(db: str, n: int, start: Any, out: Any) -> None:
-    store = SqliteStore(Path(db))
+    store = open_store(db)
     start.wait()
     try:
         store.add_job(JobRecord(f"job-{n}", "acme", "tiny", "ds-1", "0" * 64, "secret", {}))
@@ -84,18 +104,18 @@ def _race_add(db: str, n: int, start: Any, out: Any) -> None:
 
 
 def _race_claim(db: str, start: Any, out: Any) -> None:
-    store = SqliteStore(Path(db))
+    store = open_store(db)
     start.wait()
     while (job := store.claim_next()) is not None:
         out.put(job.id)
     out.put("done")
 
 
-def test_processes_racing_on_one_file_add_once_and_claim_once(tmp_path: Path) -> None:
+def test_processes_racing_on_one_file_add_once_and_claim_once(where: str) -> None:
     """What an in-process lock could not give: the store's own transactions hold across
     processes (several services on one volume, or workers on one database)."""
-    db = tmp_path / "jobs.db"
-    SqliteStore(db).close()
+    db = where
+    open_store(db).close()
     ctx = multiprocessing.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_race_add, args=(str(db), n, start, out)) for n in range(6)]
@@ -107,7 +127,7 @@ def test_processes_racing_on_one_file_add_once_and_claim_once(tmp_path: Path) ->
         p.join(60)
     assert len([n for n in added if n is not None]) == 1, added
 
-    store = SqliteStore(db)
+    store = open_store(db)
     store.update_job(f"job-{next(n for n in added if n is not None)}", state=JobState.CANCELLED)
     queued = {_job(store, f"t{n % 5}", n, float(n)) for n in range(40)}
     start, out = ctx.Event(), ctx.Queue()
@@ -127,13 +147,32 @@ def test_processes_racing_on_one_file_add_once_and_claim_once(tmp_path: Path) ->
     store.close()
 
 
-def test_a_full_disk_is_storage_full(tmp_path: Path) -> None:
+def _fill_the_disk(where: str, store: Store) -> None:
+    """Make the engine answer "disk full" from now on, with its own error."""
+    if isinstance(store, SqliteStore):
+        (pages,) = sqlite3.connect(where).execute("PRAGMA page_count").fetchone()
+        store._db.execute(f"PRAGMA max_page_count={pages}")  # SQLite's cap: SQLITE_FULL past it
+        return
+    # PostgreSQL's own disk_full (SQLSTATE 53100), raised by the server where a write
+    # would extend a file.
+    with psycopg.connect(where, autocommit=True) as db:
+        db.execute(
+            "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'could not extend file: No space left on device' "
+            "USING ERRCODE = 'disk_full'; END $$"
+        )
+        db.execute(
+            "CREATE TRIGGER disk_full BEFORE INSERT ON events "
+            "FOR EACH ROW EXECUTE FUNCTION disk_full()"
+        )
+
+
+def test_a_full_disk_is_storage_full(where: str) -> None:
     """The engine's "disk full" becomes the domain's StorageFull (RESOURCE_EXHAUSTED at
     the edge), and what was stored before stays."""
-    store = SqliteStore(tmp_path / "jobs.db")
+    store = open_store(where)
     _job(store, "acme", 0, 0.0)
-    (pages,) = sqlite3.connect(tmp_path / "jobs.db").execute("PRAGMA page_count").fetchone()
-    store._db.execute(f"PRAGMA max_page_count={pages}")  # SQLite's own cap: SQLITE_FULL past it
+    _fill_the_disk(where, store)
     with pytest.raises(StorageFull, match="out of disk space"):
         for _ in range(2000):
             store.append_event("job-acme-0", JobState.QUEUED, "x" * 4000)
