@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer import fastpath
-from trainer.fastpath import kernels
+from trainer.fastpath import elementwise, kernels, nf4
 
 TOKENS, RANK, P = 8192, 64, 0.05
 SHAPES = {"q/k/v/o/gate/up input (4096)": 4096, "down input (14336)": 14336}
@@ -34,7 +33,7 @@ def _time_ms(fn, repeat: int = 50) -> float:
 
 
 def main() -> None:
-    fastpath.compile_elementwise(torch.nn.Module())  # the compiled masked add (baseline)
+    elementwise.compile_elementwise(torch.nn.Module())  # the compiled masked add (baseline)
     dev, bf16 = "cuda", torch.bfloat16
     scale = 1.0 / (1.0 - P)
     print(f"{torch.cuda.get_device_name()}: tokens {TOKENS}, rank {RANK}, p {P}")
@@ -46,7 +45,7 @@ def main() -> None:
         _, mask = torch.native_dropout(x, P, True)
 
         def torch_backward(acc=acc, g_low=g_low, a=a, mask=mask):
-            fastpath._add_dropout_grad(acc, torch.mm(g_low, a), mask, scale)
+            elementwise.add_dropout_grad(acc, torch.mm(g_low, a), mask, scale)
 
         def drawn_backward(acc=acc, g_low=g_low, a=a):
             kernels.add_masked_lora_grad(acc, g_low, a, P, 1234)
@@ -151,20 +150,20 @@ def nf4_dequantisation() -> None:
         holder = torch.nn.Module()
         holder.weight = torch.nn.Parameter(packed, requires_grad=False)
         holder.weight.quant_state = state
-        nf4 = fastpath._NF4(holder)
+        weight = nf4.NF4Weight(holder)
         t = {}
         for fused in (False, True):
             kernels.FUSED_NF4 = fused
-            t[fused] = _time_ms(lambda nf4=nf4: nf4.dequantize(torch.bfloat16))
+            t[fused] = _time_ms(lambda weight=weight: weight.dequantize(torch.bfloat16))
         # Weights and warps a program of the one kernel (the default, 4096 and 4, last).
         sweep = []
         for block, warps in ((2048, 4), (8192, 4), (8192, 8), (16384, 8), (4096, 8), (4096, 4)):
-            kernels._NF4_BLOCK, kernels._NF4_WARPS = block, warps
+            kernels.NF4_BLOCK, kernels.NF4_WARPS = block, warps
             us = _time_ms(lambda p=packed, s=state: kernels.dequantize_nf4(p, s, torch.bfloat16))
             sweep.append(f"{block}/{warps}w {us * 1e3:.1f}")
         print(f"  {n:>5} x {k}: one kernel by weights/warps a program (us): {', '.join(sweep)}")
         same = torch.equal(
-            kernels.dequantize_nf4(packed, state, torch.bfloat16), nf4.dequantize(torch.bfloat16)
+            kernels.dequantize_nf4(packed, state, torch.bfloat16), weight.dequantize(torch.bfloat16)
         )
         floor_us = (packed.numel() + 2 * n * k) / 4.8e12 * 1e6
         print(

@@ -482,7 +482,7 @@ def apply_variant(model, variant: str):
     from peft.tuners.lora import LoraLayer
 
     from trainer import fastpath
-    from trainer.fastpath import kernels
+    from trainer.fastpath import checkpoint, elementwise, kernels, lora
 
     flags = set(variant.split("-")[1:])
     kernels.DRAWS_PER_CALL = 4 if "draw4" in flags else 8
@@ -491,15 +491,15 @@ def apply_variant(model, variant: str):
     base = model.get_base_model()
     pack = "nopack" not in flags
     base.set_attn_implementation(fastpath.ATTN_IMPLEMENTATION if pack else "sdpa")
-    func = fastpath._non_reentrant_checkpoint if "nooffload" in flags else None
-    func = func or fastpath.offloaded_checkpoint
+    func = checkpoint.non_reentrant_checkpoint if "nooffload" in flags else None
+    func = func or checkpoint.offloaded_checkpoint
     eager = "nocompile" in flags
     for module in base.modules():
         if hasattr(module, "_gradient_checkpointing_func"):
             module._gradient_checkpointing_func = func
         if hasattr(module, "_fastpath_eager_forward"):
             norm = type(module).__name__.endswith("RMSNorm")
-            fused = fastpath._norm_forward if norm else fastpath._mlp_forward
+            fused = elementwise.norm_forward if norm else elementwise.mlp_forward
             module.forward = module._fastpath_eager_forward if eager else fused.__get__(module)
         if isinstance(module, fastpath.HostEmbedding):
             if not hasattr(module, "_bench_mapped"):
@@ -526,7 +526,7 @@ def apply_variant(model, variant: str):
             if "nofuse" in flags:
                 module.forward = module._fastpath_forward
             else:
-                module.forward = fastpath._fused_lora_forward.__get__(module)
+                module.forward = lora.fused_lora_forward.__get__(module)
             module._fastpath_autograd = "addmm" not in flags
             if not hasattr(module, "_bench_lora_first"):
                 module._bench_lora_first = getattr(module, "_fastpath_lora_first", (False, False))

@@ -26,7 +26,7 @@ from transformers import (  # noqa: E402
 
 from trainer import fastpath  # noqa: E402
 from trainer.config import ALL_PROJECTIONS  # noqa: E402
-from trainer.fastpath import kernels  # noqa: E402
+from trainer.fastpath import attention, elementwise, kernels, nf4, parking  # noqa: E402
 
 VOCAB = 256
 RANK = 8
@@ -275,12 +275,12 @@ def _lean_and_replay_runs(model, monkeypatch, device="cpu"):
             layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
     ids, pos, labels = (t.to(device) for t in _pack(_examples([9, 14, 5], seed=6)))
     dequantised, rotated_back = [], []
-    real, real_rope_grad = fastpath._base_weight, fastpath._rope_grad
+    real, real_rope_grad = nf4.base_weight, elementwise.rope_grad
     monkeypatch.setattr(
-        fastpath, "_base_weight", lambda base, dt: dequantised.append(base) or real(base, dt)
+        nf4, "base_weight", lambda base, dt: dequantised.append(base) or real(base, dt)
     )
     monkeypatch.setattr(
-        fastpath, "_rope_grad", lambda *a: rotated_back.append(a[0]) or real_rope_grad(*a)
+        elementwise, "rope_grad", lambda *a: rotated_back.append(a[0]) or real_rope_grad(*a)
     )
     runs = []
     for lean, replay, residual in (
@@ -326,8 +326,7 @@ def test_lean_recompute_and_replays_change_no_gradient(tiny_model_dir, monkeypat
 
 _INTERPRETED_DROPOUT = """
 import torch
-from trainer import fastpath
-from trainer.fastpath import kernels
+from trainer.fastpath import checkpoint, kernels, lora
 
 assert kernels.INTERPRET
 torch.manual_seed(0)
@@ -371,7 +370,7 @@ def grads(run):
     return out
 
 def node(h, first=(False, False)):
-    return fastpath._LoraLinear.apply(h, A, B, base, 2.0, 0.3, False, first)
+    return lora.LoraLinear.apply(h, A, B, base, 2.0, 0.3, False, first)
 
 def reference(h):
     torch.manual_seed(3)
@@ -380,7 +379,7 @@ def reference(h):
 
 want = grads(reference)
 first = lambda h: node(h, (True, True))  # noqa: E731  (the LoRA term written first)
-runs = [grads(node), grads(first), grads(lambda h: fastpath.offloaded_checkpoint(node, h))]
+runs = [grads(node), grads(first), grads(lambda h: checkpoint.offloaded_checkpoint(node, h))]
 for got in runs:
     for g_got, g_want in zip(got, want):  # gradients reach 1e5: float32 rounding, scaled
         atol = 1e-6 * g_want.abs().max().item()
@@ -552,14 +551,14 @@ def test_nf4_weight_read_once_dequantises_as_bitsandbytes(nested):
     layer, other = quantised(0), quantised(1)
     for _ in range(2):  # the second call reads the kept state
         want = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-        assert torch.equal(fastpath._base_weight(layer, torch.bfloat16), want.bfloat16())
+        assert torch.equal(nf4.base_weight(layer, torch.bfloat16), want.bfloat16())
     layer.weight = other.weight
     want = bnb.functional.dequantize_4bit(other.weight.data, other.weight.quant_state)
-    assert torch.equal(fastpath._base_weight(layer, torch.bfloat16), want.bfloat16())
+    assert torch.equal(nf4.base_weight(layer, torch.bfloat16), want.bfloat16())
     # The data swapped in place under the same Parameter, as ``Module.to`` does.
     layer.weight.data = quantised(2).weight.data
     want = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    assert torch.equal(fastpath._base_weight(layer, torch.bfloat16), want.bfloat16())
+    assert torch.equal(nf4.base_weight(layer, torch.bfloat16), want.bfloat16())
 
 
 @pytest.mark.gpu
@@ -586,7 +585,7 @@ def test_gpu_nf4_kernel_dequantises_as_bitsandbytes(nested, monkeypatch):
     real = kernels.dequantize_nf4
     monkeypatch.setattr(kernels, "dequantize_nf4", lambda *a: calls.append(a) or real(*a))
     want = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).bfloat16()
-    assert torch.equal(fastpath._base_weight(layer, torch.bfloat16), want) and len(calls) == 1
+    assert torch.equal(nf4.base_weight(layer, torch.bfloat16), want) and len(calls) == 1
 
 
 def test_residual_is_parked_only_where_o_proj_has_lora(tiny_model_dir, monkeypatch):
@@ -598,9 +597,9 @@ def test_residual_is_parked_only_where_o_proj_has_lora(tiny_model_dir, monkeypat
     attns = [m for n, m in model.named_modules() if n.endswith("self_attn")]
     assert len(norms) == 2 and not any(m._fastpath_replay for m in norms)
     assert not any(hasattr(a.o_proj, "_fastpath_replayed") for a in attns)
-    parked, real = [], fastpath._Parked.add_replay
+    parked, real = [], parking.Parked.add_replay
     monkeypatch.setattr(
-        fastpath._Parked,
+        parking.Parked,
         "add_replay",
         lambda p, t, meta: parked.append(meta[0]) or real(p, t, meta),
     )
@@ -674,11 +673,11 @@ def test_flash_varlen_matches_per_example_sdpa():
     q = torch.randn(total, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(total, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(total, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    out = fastpath._FlashVarlen.apply(q, k, v, cu, max(lengths), 128**-0.5)
+    out = attention.FlashVarlen.apply(q, k, v, cu, max(lengths), 128**-0.5)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     qt, kt, vt = (t.detach().double().transpose(0, 1).requires_grad_() for t in (q, k, v))
-    ref = fastpath._per_example_sdpa(qt, kt, vt, cu.cpu(), 128**-0.5).transpose(0, 1)
+    ref = attention.per_example_sdpa(qt, kt, vt, cu.cpu(), 128**-0.5).transpose(0, 1)
     ref_grads = torch.autograd.grad(ref, (qt, kt, vt), g.double())
     for got, want in [(out, ref), *zip(grads, (r.transpose(0, 1) for r in ref_grads), strict=True)]:
         assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
@@ -696,7 +695,7 @@ def test_compiled_elementwise_forwards_match_eager(tiny_model_dir, monkeypatch):
     """The patched RMSNorm/MLP/RoPE forwards compute what transformers' do (compile is CUDA-only
     in the fast path; here the same functions run eagerly)."""
     monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)
-    monkeypatch.setattr(fastpath, "_COMPILED", {})
+    monkeypatch.setattr(elementwise, "COMPILED", {})
     model = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     ids = _examples([24], seed=5)[0][None]
     with torch.no_grad():

@@ -237,7 +237,7 @@ def nf4_available(packed: torch.Tensor, state, dtype: torch.dtype) -> bool:
     if state.code.device != packed.device or state.absmax.device != packed.device:
         return False  # bitsandbytes' own path says what is wrong
     sizes = [state.blocksize] + ([state.state2.blocksize] if state.nested else [])
-    if any(b < 2 or b & (b - 1) for b in sizes) or state.blocksize > _NF4_BLOCK:
+    if any(b < 2 or b & (b - 1) for b in sizes) or state.blocksize > NF4_BLOCK:
         return False
     if packed.is_cuda:
         return dtype in (torch.bfloat16, torch.float16, torch.float32)
@@ -247,7 +247,7 @@ def nf4_available(packed: torch.Tensor, state, dtype: torch.dtype) -> bool:
 # Whether the fast path uses ``dequantize_nf4`` where it can (``-bnbdequant`` in
 # ``bench/train_speed.py`` turns it off).
 FUSED_NF4 = True
-_NF4_BLOCK, _NF4_WARPS = 4096, 4  # weights a program, warps a program
+NF4_BLOCK, NF4_WARPS = 4096, 4  # weights a program, warps a program
 
 
 if triton is not None:
@@ -295,7 +295,7 @@ def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Ten
     # Without nesting the second level is never read: any tensors stand in for it.
     inner = state.state2 if nested else state
     offset = state.offset if nested else state.absmax
-    grid = (triton.cdiv(n, _NF4_BLOCK),)
+    grid = (triton.cdiv(n, NF4_BLOCK),)
     _nf4_kernel[grid](
         packed,
         state.absmax,
@@ -305,11 +305,11 @@ def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Ten
         inner.code,
         offset,
         n,
-        BLOCK=_NF4_BLOCK,
+        BLOCK=NF4_BLOCK,
         QBLOCK=state.blocksize,
         QBLOCK2=inner.blocksize if nested else 1,
         NESTED=nested,
-        num_warps=_NF4_WARPS,
+        num_warps=NF4_WARPS,
         enable_fp_fusion=False,  # code2[q] * absmax2 + offset rounded twice, as bitsandbytes
     )
     return out

@@ -1,0 +1,255 @@
+"""Packing without cross-example attention: the ``"fastpath_varlen"`` attention.
+
+TRL packs examples into rows (``packing=True, packing_strategy="bfd"``) and flattens a batch
+into one row with ``position_ids`` restarting at 0 for each example. This attention
+implementation turns those positions into ``cu_seqlens`` once per forward (a backbone
+pre-hook, ``add_varlen_kwargs``) and runs variable-length causal attention, so no token sees
+another example: on CUDA through PyTorch's own FlashAttention-2 varlen kernels (no flash-attn
+package, no hub kernel), elsewhere one causal SDPA call per example. A real workload (most
+examples a few hundred tokens) then keeps the GPU as busy as full 2048-token rows.
+
+**Attention replay.** In an offloaded checkpoint's forward (``trainer.fastpath.checkpoint``)
+each layer's attention parks its inputs, output and log-sum-exp in host memory beside the
+layer input (``trainer.fastpath.parking``; 5 GiB a micro-step at 8B x 8192 tokens, over the
+bus while the GPU computes); the recompute runs the attention backward on them
+(``AttentionReplay``), so it skips the attention forward, the q/k/v GEMMs and RoPE's forward
+(``trainer.fastpath.replay``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trainer.fastpath import parking
+
+ATTN_IMPLEMENTATION = "fastpath_varlen"
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Example boundaries of packed rows: a new example starts where positions don't step by 1.
+
+    Rows are concatenated, and each row starts a new example. Returns the int32 cumulative
+    lengths (``[0, len0, len0+len1, ..., total]``) and the longest example's length.
+    """
+    # One copy to the host (a single synchronisation) instead of a nonzero and an item().
+    device = position_ids.device
+    pos = position_ids.reshape(position_ids.shape[0], -1).to("cpu")
+    first = pos[:, :1] - 1
+    starts = torch.diff(pos, prepend=first, dim=-1) != 1
+    starts[:, 0] = True
+    idx = torch.nonzero(starts.reshape(-1), as_tuple=False).reshape(-1)
+    total = torch.tensor([pos.numel()], dtype=idx.dtype)
+    cu = torch.cat([idx, total]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max().item())
+    cu = cu.to(device, non_blocking=True) if device.type == "cuda" else cu.to(device)
+    return cu, max_len
+
+
+class FlashVarlen(torch.autograd.Function):
+    """FlashAttention-2 varlen through ATen's own kernels (GQA native, causal per example)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len, scale):  # type: ignore[override]
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu, seed, offset)
+        ctx.max_len, ctx.scale = max_len, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu,
+            cu,
+            ctx.max_len,
+            ctx.max_len,
+            0.0,
+            True,
+            seed,
+            offset,
+            scale=ctx.scale,
+        )
+        return dq, dk, dv, None, None, None
+
+
+def per_example_sdpa(q, k, v, cu, scale):
+    """The same function on any device: one causal SDPA call per example."""
+    bounds = cu.tolist()
+    outs = [
+        F.scaled_dot_product_attention(
+            q[:, a:b].unsqueeze(0),
+            k[:, a:b].unsqueeze(0),
+            v[:, a:b].unsqueeze(0),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        ).squeeze(0)
+        for a, b in itertools.pairwise(bounds)
+    ]
+    return torch.cat(outs, dim=1)  # (heads, total, head_dim)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention: (batch, heads, seq, dim) in, (batch, seq, heads, dim) out.
+
+    Packed rows go through variable-length attention; anything else through causal SDPA.
+    """
+    b, h, s, d = query.shape
+    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None and attention_mask is None and kwargs.get("position_ids") is not None:
+        cu, max_len = cu_seqlens_from_position_ids(kwargs["position_ids"].expand(b, -1))
+    if cu is None or dropout:
+        return padded_attention(query, key, value, attention_mask, dropout, scaling)
+    assert max_len is not None
+    flash = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+    if parking.replay_head() == "attention":  # a recompute: this layer's attention was parked
+        parked, meta = parking.RECOMPUTE["replay"].popleft()
+        out = AttentionReplay.apply(query, key, value, cu, int(max_len), scaling, meta, *parked)
+        return out, None
+    current = parking.LAST["current"]
+    park = current is not None and getattr(module, "_fastpath_replay", False)
+    if flash:
+        q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
+        cu32 = cu.to(torch.int32)
+        if park and not torch.is_grad_enabled():
+            out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+                q, k, v, cu32, cu32, int(max_len), int(max_len), 0.0, True, False, scale=scaling
+            )
+            current.add_replay((q, k, v, out, lse), ("flash", b, s, seed, offset))
+        else:
+            out = FlashVarlen.apply(q, k, v, cu32, int(max_len), scaling)
+        return out.view(b, s, h, d), None
+    q, k, v = (t.transpose(0, 1).reshape(t.shape[1], b * s, d) for t in (query, key, value))
+    out = per_example_sdpa(q, k, v, cu, scaling)
+    if park and not torch.is_grad_enabled():
+        current.add_replay((q, k, v, out), ("sdpa", b, s, None, None))
+    return out.transpose(0, 1).reshape(b, s, h, d), None
+
+
+class AttentionReplay(torch.autograd.Function):
+    """A recomputed layer's attention, from what its forward parked: no forward kernel.
+
+    The forward returns the parked output; the backward runs the attention backward on the
+    parked inputs, output and log-sum-exp (on the CPU, per-example SDPA recomputed from
+    the parked inputs). ``query``, ``key`` and ``value`` only connect the graph: their
+    values (the recompute's, never computed) are not read.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, cu, max_len, scale, meta, *parked):  # type: ignore[override]
+        kind, b, s, seed, offset = meta
+        ctx.kind, ctx.b, ctx.s, ctx.seed, ctx.offset = kind, b, s, seed, offset
+        ctx.max_len, ctx.scale = max_len, scale
+        ctx.save_for_backward(cu, *parked)
+        out = parked[3]
+        h, d = query.shape[1], query.shape[3]
+        if kind == "flash":
+            return out.view(b, s, h, d)
+        return out.transpose(0, 1).reshape(b, s, h, d)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        cu, *parked = ctx.saved_tensors
+        b, s = ctx.b, ctx.s
+        if ctx.kind == "flash":
+            q, k, v, out, lse = parked
+            grads = torch.ops.aten._flash_attention_backward(
+                grad.reshape(b * s, *grad.shape[2:]).contiguous(),
+                q,
+                k,
+                v,
+                out,
+                lse,
+                cu.to(torch.int32),
+                cu.to(torch.int32),
+                ctx.max_len,
+                ctx.max_len,
+                0.0,
+                True,
+                ctx.seed,
+                ctx.offset,
+                scale=ctx.scale,
+            )
+            dq, dk, dv = (g.view(b, s, *g.shape[1:]).transpose(1, 2) for g in grads)
+        else:
+            q, k, v, _ = (t.detach().requires_grad_(True) for t in parked)
+            with torch.enable_grad():
+                out = per_example_sdpa(q, k, v, cu, ctx.scale)
+            grad_out = grad.reshape(b * s, *grad.shape[2:]).transpose(0, 1)
+            grads = torch.autograd.grad(out, (q, k, v), grad_out)
+            dq, dk, dv = (g.reshape(g.shape[0], b, s, g.shape[2]).transpose(0, 1) for g in grads)
+        return (dq, dk, dv, None, None, None, None) + (None,) * len(parked)
+
+
+def padded_attention(q, k, v, attention_mask, dropout, scale):
+    """Unpacked batches (evaluation, generation): causal SDPA with the 2-D padding mask."""
+    s = q.shape[2]
+    mask = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        mask = causal & attention_mask[:, None, None, -s:].bool()
+        mask |= torch.eye(s, dtype=torch.bool, device=q.device)  # no all-masked rows (left padding)
+    out = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        dropout_p=dropout,
+        is_causal=mask is None and s > 1,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> str:
+    """Make ``"fastpath_varlen"`` a transformers attention implementation; return its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, varlen_attention_forward)
+    # Like FlashAttention: no 4-D mask, only the 2-D padding mask when there is padding.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, flash_attention_mask)
+    return ATTN_IMPLEMENTATION
+
+
+def add_varlen_kwargs(module, args, kwargs):
+    """Backbone pre-hook: compute ``cu_seqlens`` once per forward, not once per layer."""
+    pos = kwargs.get("position_ids")
+    if (
+        pos is None
+        or kwargs.get("attention_mask") is not None
+        or kwargs.get("cu_seq_lens_q") is not None
+        or kwargs.get("past_key_values") is not None
+        or module.config._attn_implementation != ATTN_IMPLEMENTATION
+    ):
+        return None
+    first = kwargs.get("input_ids")
+    if first is None:
+        first = kwargs.get("inputs_embeds")
+    if first is not None:
+        pos = pos.expand(first.shape[0], -1)  # positions may come unsqueezed, not expanded
+    cu, max_len = cu_seqlens_from_position_ids(pos)
+    kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
+    return args, kwargs
