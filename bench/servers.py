@@ -175,17 +175,31 @@ def load_adapters(server: Server, key: str, folders: list[Path]) -> dict[str, An
 
 
 def gpu_memory() -> list[dict[str, Any]]:
-    """GPU memory by process, as nvidia-smi reports it (empty where it cannot)."""
-    query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
-    rows = []
+    """GPU memory by process, as NVML (what nvidia-smi reads) reports it; one error row
+    where it cannot."""
+    rows: list[dict[str, Any]] = []
     try:
-        out = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout
-        for line in out.splitlines():
-            pid, mib = (x.strip() for x in line.split(","))
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
-            rows.append({"pid": int(pid), "used_gib": round(int(mib) / 1024, 2), "cmd": cmd})
-    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as e:  # nvidia-ml-py missing, or no driver
+        return [{"error": repr(e)}]
+    try:
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                try:
+                    raw = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+                    cmd = raw.replace(b"\0", b" ").decode()[:120]
+                except OSError:  # another PID namespace
+                    cmd = "?"
+                used = proc.usedGpuMemory  # None where the driver does not say
+                gib = round(used / 2**30, 2) if used is not None else None
+                rows.append({"gpu": index, "pid": proc.pid, "used_gib": gib, "cmd": cmd})
+    except pynvml.NVMLError as e:
         rows.append({"error": repr(e)})
+    finally:
+        pynvml.nvmlShutdown()
     return rows
 
 

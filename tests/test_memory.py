@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
 from trainer.config import JobConfig
 from trainer.errors import FailedPrecondition
-from trainer.memory import GIB, MemoryBudget, ModelShape, check_budget, estimate_bytes
+from trainer.memory import (
+    GIB,
+    MemoryBudget,
+    ModelShape,
+    check_budget,
+    estimate_bytes,
+    gpu_memory,
+    gpu_total_bytes,
+)
 
 # Llama 3.1 8B's config.json (the fields that decide memory).
 LLAMA_8B = {
@@ -69,3 +79,47 @@ def test_the_tiny_test_model_has_a_shape(tiny_model_dir):
     shape = ModelShape.from_folder(tiny_model_dir)
     assert shape is not None and shape.head_dim == 64
     assert 0 < estimate_bytes(shape, JobConfig(lora_rank=8)) < GIB
+
+
+def _nvidia_smi(query: str) -> list[list[str]]:
+    """``nvidia-smi --query-gpu=QUERY`` rows, split on commas (MiB, no units)."""
+    import subprocess
+
+    out = subprocess.run(
+        ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    return [[x.strip() for x in line.split(",")] for line in out.strip().splitlines()]
+
+
+HAS_DRIVER = shutil.which("nvidia-smi") is not None or Path("/proc/driver/nvidia").exists()
+
+
+@pytest.mark.skipif(HAS_DRIVER, reason="this machine has an NVIDIA driver")
+def test_without_a_gpu_there_is_no_memory_to_read_and_no_budget():
+    """No NVIDIA driver here: NVML does not start, so no GPU, no total and no budget check
+    (jobs are admitted as on a CPU host)."""
+    assert gpu_memory() == {}
+    assert gpu_total_bytes() is None
+    assert MemoryBudget.detect(0.40) is None
+    assert MemoryBudget.detect(None) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(shutil.which("nvidia-smi") is None, reason="needs an NVIDIA GPU")
+def test_gpu_memory_read_through_nvml_is_what_nvidia_smi_reports():
+    """Total and used memory of every GPU, by nvidia-smi's index, as nvidia-smi reports them
+    (it rounds to MiB; used may move between the two reads by another process's work)."""
+    rows = _nvidia_smi("index,memory.total,memory.used")
+    gpus = gpu_memory()
+    assert sorted(gpus) == [int(r[0]) for r in rows]
+    for index, total_mib, used_mib in rows:
+        gpu = gpus[int(index)]
+        assert abs(gpu.total - (int(total_mib) << 20)) < 1 << 20, (index, gpu, total_mib)
+        assert abs(gpu.used - (int(used_mib) << 20)) < 64 << 20, (index, gpu, used_mib)
+    assert gpu_total_bytes() == gpus[0].total
+    budget = MemoryBudget.detect(0.40)
+    assert budget is not None and budget.total_bytes == gpus[0].total

@@ -9,6 +9,7 @@ tests/test_cli.py checks the job figures during a real training run.
 from __future__ import annotations
 
 import re
+import shutil
 import time
 
 import grpc
@@ -19,6 +20,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service import Service, add_tenant
+from trainer.memory import gpu_memory
+from trainer.service.metrics import gpu_memory_used
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +88,38 @@ def test_the_metrics_page_is_prometheus_text(svc):
     names = {f.name for f in text_string_to_metric_families(r.text)}
     assert {"finetune_jobs", "finetune_upload_bytes", "finetune_rpc_duration_seconds"} <= names
     assert "process_resident_memory_bytes" in r.text
+
+
+def test_gpu_memory_gauge_is_what_the_driver_reports(svc):
+    """``finetune_gpu_memory_used_bytes`` has one sample a GPU that NVML reports, none on a
+    host without a GPU (this one, in CI)."""
+    _, _, url = svc
+    gpus = gpu_memory()
+    page = text_string_to_metric_families(httpx.get(url, timeout=10).text)
+    samples = {
+        s.labels["gpu"]: s.value
+        for family in page
+        for s in family.samples
+        if s.name == "finetune_gpu_memory_used_bytes"
+    }
+    assert sorted(samples) == sorted(str(i) for i in gpus)
+    assert sorted(gpu_memory_used(max_age_s=0)) == sorted(gpus)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(shutil.which("nvidia-smi") is None, reason="needs an NVIDIA GPU")
+def test_gpu_memory_used_is_what_nvidia_smi_reports():
+    import subprocess
+
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    want = {int(i): int(mib) << 20 for i, mib in (line.split(",") for line in out.splitlines())}
+    got = gpu_memory_used(max_age_s=0)
+    assert sorted(got) == sorted(want)
+    for index, used in got.items():  # nvidia-smi rounds to MiB; others' work may move it
+        assert abs(used - want[index]) < 64 << 20, (index, used, want[index])

@@ -14,9 +14,8 @@ estimated.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,21 +122,53 @@ def estimate_bytes(shape: ModelShape, cfg: JobConfig, *, fast_path: bool = True)
     )
 
 
-def gpu_total_bytes() -> int | None:
-    """Memory of GPU 0 as ``nvidia-smi`` reports it (no CUDA context in this process)."""
-    if shutil.which("nvidia-smi") is None:
-        return None
+@dataclass(frozen=True)
+class GpuMemory:
+    """One GPU's memory as the driver reports it, in bytes."""
+
+    total: int
+    used: int  # every process's allocations, vLLM's too; the driver's reserve excluded
+
+
+def gpu_memory() -> dict[int, GpuMemory]:
+    """Memory of each GPU by NVML index (``nvidia-smi``'s index), or {} without a driver.
+
+    Read through NVML (``pynvml``, from nvidia-ml-py), the library ``nvidia-smi`` itself
+    calls: no subprocess, no CSV, and no CUDA context in this process. Like ``nvidia-smi``,
+    NVML sees every GPU of the host whatever ``CUDA_VISIBLE_DEVICES`` says, and so does the
+    service: its job slots are device numbers from 0 (``trainer.service.runner``). ``used``
+    is what ``nvidia-smi`` calls used (NVML's v2 figure, without the memory the driver
+    reserves for itself), the v1 figure where the driver has no v2.
+    """
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        ).stdout
-        return int(float(out.split()[0])) << 20  # MiB
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None
+        import pynvml
+    except ImportError:  # nvidia-ml-py not installed: no way to ask
+        return {}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver, or no GPU
+        return {}
+    try:
+        found = {}
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            try:
+                info = pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2)
+            except pynvml.NVMLError:  # a driver without the v2 call
+                info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            found[index] = GpuMemory(total=int(info.total), used=int(info.used))
+        return found
+    except pynvml.NVMLError:
+        return {}
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+
+def gpu_total_bytes() -> int | None:
+    """Memory of GPU 0 (no CUDA context in this process); None without a GPU."""
+    gpu = gpu_memory().get(0)
+    return gpu.total if gpu is not None else None
 
 
 def check_budget(

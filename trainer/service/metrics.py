@@ -9,7 +9,7 @@ off unless given) serves ``/metrics``:
     finetune_job_step{tenant,job_id}              their optimizer step ...
     finetune_job_total_steps{tenant,job_id}       ... out of this many
     finetune_job_peak_memory_bytes{tenant,job_id} GPU peak allocated (peak RSS on CPU)
-    finetune_gpu_memory_used_bytes{gpu}           from nvidia-smi; absent without a GPU
+    finetune_gpu_memory_used_bytes{gpu}           from NVML; absent without a GPU
     finetune_upload_bytes_total                   dataset bytes received
     finetune_rpc_duration_seconds{method,code}    a histogram of every RPC (and its count)
 
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -34,6 +32,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from trainer.memory import gpu_memory
 from trainer.service.store import JobState, Store
 
 RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -121,7 +120,7 @@ class StoreCollector(Collector):
         gpus = gpu_memory_used()
         if gpus:
             used = GaugeMetricFamily(
-                "finetune_gpu_memory_used_bytes", "GPU memory in use (nvidia-smi)", labels=["gpu"]
+                "finetune_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu"]
             )
             for index, value in gpus.items():
                 used.add_metric([str(index)], value)
@@ -133,28 +132,14 @@ _gpu_lock = threading.Lock()
 
 
 def gpu_memory_used(max_age_s: float = 5.0) -> dict[int, int]:
-    """Bytes in use on each GPU (every process, vLLM too), or {} without nvidia-smi."""
+    """Bytes in use on each GPU (every process, vLLM too), read through NVML and kept for
+    ``max_age_s``; {} without a GPU or its driver."""
     global _gpu_cache
-    if shutil.which("nvidia-smi") is None:
-        return {}
     with _gpu_lock:
         at, value = _gpu_cache
         if time.monotonic() - at < max_age_s:
             return value
-        try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                check=True,
-            ).stdout
-            value = {
-                int(i): int(float(mib)) << 20
-                for i, mib in (line.split(",") for line in out.strip().splitlines())
-            }
-        except (OSError, subprocess.SubprocessError, ValueError):
-            value = {}
+        value = {index: gpu.used for index, gpu in gpu_memory().items()}
         _gpu_cache = (time.monotonic(), value)
         return value
 
