@@ -131,11 +131,15 @@ UPDATE jobs SET state = 'VALIDATING',
     lease_until = {_CLOCK} + %(lease_s)s::float8
 WHERE id = (
     SELECT j.id FROM jobs j
+    -- the head of each tenant's queue (FIFO within a tenant) ...
     WHERE j.id IN (SELECT DISTINCT ON (tenant) id FROM jobs q
                    WHERE {_CLAIMABLE.format(t="q")} ORDER BY tenant, created_at, id)
+      -- ... still claimable once locked (a claim committed meanwhile fails this) ...
       AND {_CLAIMABLE.format(t="j")}
+    -- ... the tenant whose latest job started longest ago (or never) first ...
     ORDER BY (SELECT COALESCE(MAX(s.started_at), 0) FROM jobs s WHERE s.tenant = j.tenant),
              j.created_at, j.id
+    -- ... passing over heads that other claims hold right now: their tenants are served.
     LIMIT 1
     FOR UPDATE OF j SKIP LOCKED)
 RETURNING *
@@ -201,9 +205,13 @@ class PostgresStore:
         except PoolTimeout as e:
             self._pool.close()
             raise StoreUnavailable(self._unreachable(e)) from e
-        with self._tx() as db:
-            db.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("schema"),))
-            db.execute(_SCHEMA)
+        try:
+            with self._tx() as db:  # one process at a time: CREATE ... IF NOT EXISTS races
+                db.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("schema"),))
+                db.execute(_SCHEMA)
+        except BaseException:
+            self._pool.close()
+            raise
 
     def close(self) -> None:
         self._pool.close()
