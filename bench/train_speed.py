@@ -17,6 +17,14 @@ and the ratios. Results are JSON lines in ``$OUT/results.jsonl``.
 
     python3 bench/train_speed.py                       # everything
     python3 bench/train_speed.py --recipes fast --variants fast,fast-nooffload
+    python3 bench/train_speed.py --shape qwen2.5-7b --recipes fast,unsloth,unsloth-nogc
+    python3 bench/train_speed.py --recipes fast --budget-gib 40   # the plan a budget buys
+
+``--shape`` picks the model's dimensions (``SHAPES``: Llama 3.1 8B, the default, Mistral 7B,
+Qwen 2.5 7B; random weights each). ``unsloth-nogc`` is Unsloth without its gradient
+checkpointing, what a user with a large card runs. ``--budget-gib`` gives the product a job
+memory budget: the fast path keeps as many decoder layers' activations (no checkpoint, no
+recompute) as ``trainer.memory.kept_layers_for_budget`` says the budget holds.
 
 bench/README.md has the device call (wheels from ``bench/slim_wheels.py``) and the figures.
 """
@@ -34,6 +42,53 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GFLOP_PER_TOKEN = 46.6  # forward + recompute + input-gradient backward, 8B, with checkpointing
+# Model shapes by ``--shape``: transformers' architecture and config.json's dimensions.
+SHAPES: dict[str, tuple[str, dict]] = {
+    "llama-3.1-8b": ("llama", {}),  # bench.tokenwords.LLAMA_8B, the serving bench's shape
+    "mistral-7b": (
+        "mistral",
+        dict(
+            vocab_size=32768,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            rope_theta=1e6,
+            sliding_window=None,
+        ),
+    ),
+    "qwen2.5-7b": (  # q/k/v carry biases: their LoRA layers keep PEFT's module path
+        "qwen2",
+        dict(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            rope_theta=1e6,
+            rms_norm_eps=1e-6,
+        ),
+    ),
+}
+
+
+def gflop_per_token(config: dict) -> float:
+    """``GFLOP_PER_TOKEN`` scaled to another shape by its projections' and LM head's weights
+    (the GEMMs that dominate; attention's share is about the same at 2048 tokens)."""
+
+    def weights(c: dict) -> float:
+        h, i, n = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+        q = c["num_attention_heads"] * c.get("head_dim", h // c["num_attention_heads"])
+        kv = c["num_key_value_heads"] * c.get("head_dim", h // c["num_attention_heads"])
+        return n * (2 * h * q + 2 * h * kv + 3 * h * i) + c["vocab_size"] * h
+
+    from bench.tokenwords import LLAMA_8B
+
+    return GFLOP_PER_TOKEN * weights(config) / weights(LLAMA_8B)
+
+
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEQ, BATCH, ACCUM = 2048, 4, 4
 DEVICE_MAP: dict | str = {"": 0}  # the CPU smoke test of this script sets "cpu"
@@ -54,21 +109,25 @@ def log(*parts: object) -> None:
 # ------------------------------------------------------------------ model and peak
 
 
-def build(model_dir: Path, out: Path) -> None:
-    """Write the random 8B-shaped Llama and a stand-in tokenizer; measure the bf16 peak."""
+def build(model_dir: Path, out: Path, shape: str = "llama-3.1-8b") -> None:
+    """Write the random model of ``shape`` and a stand-in tokenizer; measure the bf16 peak."""
     import torch
 
     if not (model_dir / "config.json").exists():
+        import transformers
         from tokenizers import Tokenizer, models
-        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+        from transformers import PreTrainedTokenizerFast
 
         from bench.tokenwords import LLAMA_8B  # the shape the serving bench uses too
 
         t0 = time.time()
-        config = LlamaConfig(
-            **LLAMA_8B,
+        arch, dims = SHAPES[shape]
+        name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[arch]
+        config_cls = getattr(transformers, f"{name}Config")
+        model_cls = getattr(transformers, f"{name}ForCausalLM")
+        config = config_cls(
+            **{"rms_norm_eps": 1e-5, **(dims or LLAMA_8B)},
             max_position_embeddings=131072,
-            rms_norm_eps=1e-5,
             tie_word_embeddings=False,
             bos_token_id=1,
             eos_token_id=2,
@@ -77,7 +136,7 @@ def build(model_dir: Path, out: Path) -> None:
         )
         torch.set_default_dtype(torch.bfloat16)
         with torch.device("cuda"):
-            model = LlamaForCausalLM(config)
+            model = model_cls(config)
         torch.set_default_dtype(torch.float32)
         model.save_pretrained(model_dir, max_shard_size="5GB")
         vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
@@ -128,13 +187,13 @@ def example_lengths(workload: str, n: int, rng):
     return np.clip(rng.lognormal(np.log(300), 0.9, n), 16, SEQ).astype(int)
 
 
-def make_dataset(workload: str, n: int, seed: int = DATA_SEED):
+def make_dataset(workload: str, n: int, seed: int = DATA_SEED, vocab: int = 128256):
     import numpy as np
     from datasets import Dataset
 
     rng = np.random.default_rng(seed)
     lengths = example_lengths(workload, n, rng)
-    rows = [rng.integers(4, 128000, int(k)).tolist() for k in lengths]
+    rows = [rng.integers(4, min(vocab, 128000), int(k)).tolist() for k in lengths]
     return Dataset.from_dict({"input_ids": rows})
 
 
@@ -421,8 +480,10 @@ def load_reference(model_dir: Path):
     return get_peft_model(model, lora), AutoTokenizer.from_pretrained(model_dir)
 
 
-def load_unsloth(model_dir: Path):
-    """Unsloth as it recommends: its loader, dropout 0, its offloaded checkpointing."""
+def load_unsloth(model_dir: Path, checkpointing: str | bool = "unsloth"):
+    """Unsloth as it recommends: its loader, dropout 0, its offloaded checkpointing; with
+    ``checkpointing=False`` (the ``unsloth-nogc`` recipe) no checkpointing at all, what a
+    user whose card holds every activation turns to."""
     import torch
     from unsloth import FastLanguageModel
 
@@ -436,22 +497,35 @@ def load_unsloth(model_dir: Path):
         lora_dropout=0,
         target_modules=ALL_PROJECTIONS,
         bias="none",
-        use_gradient_checkpointing="unsloth",
+        use_gradient_checkpointing=checkpointing,
         random_state=3407,
     )
     return model, tok
 
 
-def load_fast(model_dir: Path):
+def kept_layers(model_dir: Path, budget_gib: float | None) -> int:
+    """Decoder layers the product keeps (not checkpointed) within ``budget_gib``."""
+    from trainer.config import JobConfig
+    from trainer.memory import GIB, ModelShape, kept_layers_for_budget
+
+    shape = ModelShape.from_folder(model_dir)
+    if budget_gib is None or shape is None:
+        return 0
+    return kept_layers_for_budget(shape, JobConfig(), budget_gib * GIB)
+
+
+def load_fast(model_dir: Path, budget_gib: float | None = None):
     """The product's recipe as a GPU job runs it: ``trainer.training.recipe.load_model`` with the
-    fast path, at the reference hyperparameters (r=64, alpha 128, dropout 0.05)."""
+    fast path, at the reference hyperparameters (r=64, alpha 128, dropout 0.05); with a
+    budget, the last layers the budget holds keep their activations."""
     from transformers import AutoTokenizer
 
     from trainer.config import JobConfig
     from trainer.fastpath import FastPathConfig
     from trainer.training.recipe import load_model
 
-    model = load_model(str(model_dir), JobConfig(), FastPathConfig())
+    fast = FastPathConfig(kept_layers=kept_layers(model_dir, budget_gib))
+    model = load_model(str(model_dir), JobConfig(), fast)
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
@@ -552,15 +626,16 @@ def apply_variant(model, variant: str):
     )
 
 
-def estimate_gib(model_dir: Path, recipe: str) -> float | None:
-    """What the trainer's memory budget check expects this recipe to need."""
+def estimate_gib(model_dir: Path, recipe: str, kept: int = 0) -> float | None:
+    """What the trainer's memory budget check expects this recipe (and plan) to need."""
     from trainer.config import JobConfig
     from trainer.memory import GIB, ModelShape, estimate_bytes
 
     shape = ModelShape.from_folder(model_dir)
-    if shape is None or recipe == "unsloth":
+    if shape is None or recipe.startswith("unsloth"):
         return None
-    return round(estimate_bytes(shape, JobConfig(), fast_path=recipe == "fast") / GIB, 2)
+    fast = recipe == "fast"
+    return round(estimate_bytes(shape, JobConfig(), fast_path=fast, kept_layers=kept) / GIB, 2)
 
 
 def warmup_steps(args, workload: str) -> int:
@@ -574,35 +649,42 @@ def warmup_steps(args, workload: str) -> int:
 def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None:
     import gc
 
-    if recipe == "unsloth":
+    if recipe.startswith("unsloth"):
         import unsloth  # noqa: F401  (first: it patches transformers and TRL)
     import torch
     from trl import SFTTrainer
 
     t0 = time.time()
-    loader = {"reference": load_reference, "unsloth": load_unsloth, "fast": load_fast}[recipe]
-    model, tok = loader(args.model_dir)
+    config = json.loads((args.model_dir / "config.json").read_text())
+    kept = kept_layers(args.model_dir, args.budget_gib) if recipe == "fast" else 0
+    loaders = {
+        "reference": load_reference,
+        "unsloth": load_unsloth,
+        "unsloth-nogc": lambda d: load_unsloth(d, checkpointing=False),
+        "fast": lambda d: load_fast(d, args.budget_gib),
+    }
+    model, tok = loaders[recipe](args.model_dir)
     log(f"[{recipe}] loaded in {time.time() - t0:.0f}s")
     # +1: a spare step (profiled for the fast path)
     steps = {w: warmup_steps(args, w) + args.measure + 1 for w in ("full", "mix")}
     data = {
-        "full": make_dataset("full", steps["full"] * ACCUM * BATCH),
-        "mix": make_dataset("mix", MIX_EXAMPLES),
+        "full": make_dataset("full", steps["full"] * ACCUM * BATCH, vocab=config["vocab_size"]),
+        "mix": make_dataset("mix", MIX_EXAMPLES, vocab=config["vocab_size"]),
     }
     for spec in variants:
         # "fast-nofuse:full" runs that variant on the full workload only
         variant, _, only = spec.partition(":")
         fast = apply_variant(model, variant) if recipe == "fast" else None
         extra = fast.sft_args() if fast is not None else {}
-        if recipe == "unsloth":
+        if recipe.startswith("unsloth"):
             extra = {"padding_free": True, "max_length": None}
         for workload in only.split("+") if only else workloads:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             prof = None
-            if args.profile and variant in ("fast", "unsloth"):
+            if args.profile and variant in ("fast", "unsloth", "unsloth-nogc"):
                 prof = args.out / f"profile_{variant}_{workload}.txt"
-            if args.host_profile and variant in ("fast", "unsloth"):
+            if args.host_profile and variant in ("fast", "unsloth", "unsloth-nogc"):
                 prof = args.out / f"python_{variant}_{workload}.txt"
             warmup = warmup_steps(args, workload)
             meter = Meter(model, warmup, args.measure, prof, host=args.host_profile)
@@ -632,7 +714,11 @@ def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None
                 workload=workload,
                 peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                 peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
-                estimate_gib=estimate_gib(args.model_dir, recipe),
+                estimate_gib=estimate_gib(args.model_dir, recipe, kept),
+                shape=args.shape,
+                gflop_per_token=round(gflop_per_token(config), 2),
+                budget_gib=args.budget_gib if recipe == "fast" else None,
+                kept_layers=kept if recipe == "fast" else None,
             )
             log("RESULT " + json.dumps(res))
             meter.hook.remove()
@@ -683,10 +769,12 @@ def summarise(results: list[dict], out: Path) -> str:
             continue
         ref = next((r for r in sel if r["variant"] == "reference" and not r["error"]), None)
         uns = next((r for r in sel if r["variant"] == "unsloth" and not r["error"]), None)
+        nogc = next((r for r in sel if r["variant"] == "unsloth-nogc" and not r["error"]), None)
+        shapes = sorted({r.get("shape") or "llama-3.1-8b" for r in sel})
         lines.append(
-            f"\n{workload}: real tokens/s | share of peak | peak alloc / reserved GiB | "
-            "vs reference | vs Unsloth | median step s | real tokens a step | loss | "
-            "budget estimate GiB"
+            f"\n{workload} ({', '.join(shapes)}): real tokens/s | share of peak | peak alloc / "
+            "reserved GiB | vs reference | vs Unsloth | vs Unsloth no-GC | median step s | "
+            "real tokens a step | loss | budget estimate GiB"
         )
         if workload == "mix":
             import numpy as np
@@ -701,12 +789,19 @@ def summarise(results: list[dict], out: Path) -> str:
                 lines.append(f"  {r['variant']:<24} ERROR {r['error'][:160]}")
                 continue
             tps = r["tokens_per_s"]
-            share = tps * GFLOP_PER_TOKEN / 1e3 / peak if peak else float("nan")
+            flop = r.get("gflop_per_token", GFLOP_PER_TOKEN)
+            share = tps * flop / 1e3 / peak if peak else float("nan")
             vs_ref = f"{tps / ref['tokens_per_s']:.2f}x" if ref else "-"
             vs_uns = f"{tps / uns['tokens_per_s']:.2f}x" if uns else "-"
+            vs_nogc = f"{tps / nogc['tokens_per_s']:.2f}x" if nogc else "-"
+            label = r["variant"]
+            if r.get("budget_gib") is not None:
+                over = " OVER" if r["peak_alloc_gib"] > r["budget_gib"] else ""
+                label += f" @{r['budget_gib']:g}GiB k{r['kept_layers']}{over}"
             lines.append(
-                f"  {r['variant']:<24} {tps:>9,.0f} | {share:6.1%} | "
+                f"  {label:<24} {tps:>9,.0f} | {share:6.1%} | "
                 f"{r['peak_alloc_gib']:5.2f} / {r['peak_reserved_gib']:5.2f} | {vs_ref} | {vs_uns}"
+                f" | {vs_nogc}"
                 f" | {r['step_s_median']} | {r['tokens_measured'] / r['measured_steps']:,.0f}"
                 f" | {r.get('train_loss')} | {r.get('estimate_gib')}"
             )
@@ -719,7 +814,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     p.add_argument("--model-dir", type=Path, default=None)
-    p.add_argument("--recipes", default="fast,reference,unsloth")
+    p.add_argument("--recipes", default="fast,reference,unsloth", help="also unsloth-nogc")
+    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    p.add_argument(
+        "--budget-gib",
+        type=float,
+        default=None,
+        help="the product's job memory budget: it keeps the layers this holds",
+    )
     p.add_argument("--variants", default="fast", help="fast-path variants, e.g. fast-nooffload")
     p.add_argument("--workloads", default="full,mix")
     # 3, not 1: Unsloth's first mix steps after one warm-up step still ran slow (3.0 and
@@ -739,12 +841,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.model_dir is None:
         shm = Path("/dev/shm")
         roomy = shm.exists() and shutil.disk_usage(shm).free > 24 * 2**30
-        args.model_dir = (shm if roomy else Path("/tmp")) / "llama-8b-random"
+        name = "llama-8b" if args.shape == "llama-3.1-8b" else args.shape
+        args.model_dir = (shm if roomy else Path("/tmp")) / f"{name}-random"
     args.scratch = Path("/tmp/bench-scratch")
     workloads = args.workloads.split(",")
 
     if args.build:
-        return build(args.model_dir, args.out)
+        return build(args.model_dir, args.out, args.shape)
     if args.worker:
         variants = args.variants.split(",") if args.worker == "fast" else [args.worker]
         return worker(args.worker, variants, workloads, args)
@@ -754,7 +857,8 @@ def main(argv: list[str] | None = None) -> None:
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--out", str(args.out), "--model-dir", str(args.model_dir)]
     common += ["--warmup", str(args.warmup), "--warmup-mix", str(args.warmup_mix)]
-    common += ["--measure", str(args.measure)]
+    common += ["--measure", str(args.measure), "--shape", args.shape]
+    common += ["--budget-gib", str(args.budget_gib)] if args.budget_gib is not None else []
     common += ["--workloads", args.workloads] + (["--profile"] if args.profile else [])
     common += ["--host-profile"] if args.host_profile else []
     with open(args.out / "log.txt", "a") as logf:
@@ -768,7 +872,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             cmd = [*me, "--worker", recipe, "--variants", args.variants, *common]
             # Unsloth's wheels (and its torchao) are on the path of its own subprocess only.
-            extra = os.environ.get("BENCH_UNSLOTH_PATH", "") if recipe == "unsloth" else ""
+            unsloth = recipe.startswith("unsloth")
+            extra = os.environ.get("BENCH_UNSLOTH_PATH", "") if unsloth else ""
             # The product's allocator setting, as trainer.training.worker sets it for every job.
             env = (
                 {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if recipe == "fast" else {}

@@ -58,6 +58,7 @@ def _load(
     device: str = "cpu",
     rank: int = RANK,
     targets=ALL_PROJECTIONS,
+    kept: int = 0,
 ):
     """The recipe's loading path: NF4, double quantisation, bf16 compute; then LoRA."""
     bnb = BitsAndBytesConfig(
@@ -69,7 +70,7 @@ def _load(
     model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=bnb, dtype=torch.bfloat16, device_map=device
     )
-    cfg = fastpath.FastPathConfig(offload_checkpoints=offload)
+    cfg = fastpath.FastPathConfig(offload_checkpoints=offload, kept_layers=kept)
     if fast:
         fastpath.prepare_model(model, cfg)
     else:
@@ -156,8 +157,8 @@ def test_packed_row_gives_each_examples_own_loss(tiny_model_dir):
     torch.testing.assert_close(repacked[keep], packed[keep], rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("offload", [True, False])
-def test_fast_path_loss_and_grads_match_reference(tiny_model_dir, offload):
+@pytest.mark.parametrize(("offload", "kept"), [(True, 0), (False, 0), (True, 1), (True, 2)])
+def test_fast_path_loss_and_grads_match_reference(tiny_model_dir, offload, kept):
     lengths = [16, 16, 16]
     examples = _examples(lengths, seed=3)
     batch = torch.stack(examples)
@@ -166,7 +167,7 @@ def test_fast_path_loss_and_grads_match_reference(tiny_model_dir, offload):
     ref_loss = ref(input_ids=batch, labels=batch).loss
     ref_loss.backward()
 
-    fast = _load(tiny_model_dir, fast=True, offload=offload).train()
+    fast = _load(tiny_model_dir, fast=True, offload=offload, kept=kept).train()
     # The same unpacked batch ...
     fast_loss = fast(input_ids=batch, labels=batch).loss
     # ... and packed into one row, as the fast recipe trains it.
@@ -180,6 +181,37 @@ def test_fast_path_loss_and_grads_match_reference(tiny_model_dir, offload):
     assert g_fast.abs().sum() > 0
     assert F.cosine_similarity(g_ref, g_fast, dim=0) > 0.98
     assert (g_fast - g_ref).norm() / g_ref.norm() < 0.15
+
+
+def test_kept_layers_change_no_loss_or_gradient(tiny_model_dir, monkeypatch):
+    """A budget that holds them keeps the last layers' activations: those layers are not
+    checkpointed (nothing parked, no recompute), and the loss and every LoRA gradient are
+    bit-identical to every layer checkpointed, LoRA dropout included."""
+    parked = []
+
+    class Counted(parking.Parked):
+        def __init__(self, x, prev):
+            parked.append(x)
+            super().__init__(x, prev)
+
+    monkeypatch.setattr(parking, "Parked", Counted)
+    ids, pos, labels = _pack(_examples([9, 14, 5], seed=6))
+    runs = []
+    for kept in (0, 1, 2):
+        model = _load(tiny_model_dir, fast=True, kept=kept).train()
+        layers = model.base_model.model.model.layers
+        assert [layer.gradient_checkpointing for layer in layers] == [i < 2 - kept for i in (0, 1)]
+        for layer in model.modules():
+            if hasattr(layer, "lora_dropout"):
+                layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
+        parked.clear()
+        torch.manual_seed(11)
+        loss = model(input_ids=ids, position_ids=pos, labels=labels).loss
+        loss.backward()
+        assert len(parked) == 2 - kept  # one parked input a checkpointed layer
+        runs.append((loss.detach(), _lora_grads(model)))
+    for loss, grads in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(grads, runs[0][1])
 
 
 def test_padded_batch_falls_back_to_masked_attention(tiny_model_dir):

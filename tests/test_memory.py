@@ -18,6 +18,8 @@ from trainer.memory import (
     estimate_bytes,
     gpu_memory,
     gpu_total_bytes,
+    kept_layer_bytes,
+    kept_layers_for_budget,
 )
 
 # Llama 3.1 8B's config.json (the fields that decide memory).
@@ -54,6 +56,29 @@ def test_the_estimate_grows_with_what_the_job_asks_for():
     assert estimate_bytes(shape, JobConfig(max_seq_len=4096)) > base
     assert estimate_bytes(shape, JobConfig(lora_rank=128)) > base
     assert estimate_bytes(shape, JobConfig(target_modules=("q", "v"))) < base
+
+
+def test_a_budget_buys_kept_layers_and_the_estimate_follows_the_plan():
+    """The fast path keeps as many layers' activations as the budget holds (none at 8 GiB,
+    about 1.3 GiB a layer at 8B x 8192 tokens), and the estimate of that plan stays inside
+    the budget."""
+    shape = ModelShape.from_config(LLAMA_8B)
+    cfg = JobConfig()
+    base = estimate_bytes(shape, cfg)
+    assert 1.2 * GIB < kept_layer_bytes(shape, cfg) < 1.5 * GIB
+    assert kept_layer_bytes(shape, JobConfig(lora_dropout=0.0)) < kept_layer_bytes(shape, cfg)
+    assert kept_layers_for_budget(shape, cfg, 6 * GIB) == 0
+    assert kept_layers_for_budget(shape, cfg, 8 * GIB) == 0
+    assert kept_layers_for_budget(shape, cfg, 1000 * GIB) == shape.layers
+    for budget in (16, 24, 40):
+        kept = kept_layers_for_budget(shape, cfg, budget * GIB)
+        assert 0 < kept < shape.layers
+        assert estimate_bytes(shape, cfg, kept_layers=kept) <= budget * GIB
+        assert estimate_bytes(shape, cfg, kept_layers=kept + 1) > budget * GIB
+    assert estimate_bytes(shape, cfg, kept_layers=0) == base
+    assert estimate_bytes(shape, cfg, fast_path=False, kept_layers=8) == estimate_bytes(
+        shape, cfg, fast_path=False
+    )
 
 
 def test_a_job_over_the_budget_is_refused_with_what_to_change(llama_8b_dir):

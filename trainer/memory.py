@@ -82,8 +82,32 @@ class ModelShape:
         }
 
 
-def estimate_bytes(shape: ModelShape, cfg: JobConfig, *, fast_path: bool = True) -> int:
-    """Peak GPU bytes of one job of the QLoRA recipe (the fast path, or the reference one)."""
+def kept_layer_bytes(shape: ModelShape, cfg: JobConfig) -> int:
+    """GPU bytes one decoder layer's activations hold from its forward to its backward on
+    the fast path when the layer is kept, not checkpointed (``FastPathConfig.kept_layers``).
+
+    Per token, in bf16: the inputs of both norms, q and the attention output, k and v, the
+    MLP's gate and up and its product (the down projection's input), the LoRA input of the
+    q/k/v and gate/up projections (once each: one tensor without dropout; with dropout each
+    projection keeps its own dropped copy, and o_proj one of the attention output), RoPE's
+    cos and sin, and each projection's rank-wide LoRA term.
+    """
+    h, kv = shape.hidden, shape.kv_heads * shape.head_dim
+    q = shape.heads * shape.head_dim
+    dropped = cfg.lora_dropout > 0
+    hidden_wide = 2 * h + 2 * q + (h if not dropped else 3 * h) + (h if not dropped else 2 * h)
+    if dropped:
+        hidden_wide += q  # o_proj's dropped input
+    per_token = hidden_wide + 2 * kv + 3 * shape.intermediate + 2 * shape.head_dim
+    per_token += len(cfg.target_modules) * cfg.lora_rank
+    return per_token * 2 * cfg.batch_size * cfg.max_seq_len
+
+
+def estimate_bytes(
+    shape: ModelShape, cfg: JobConfig, *, fast_path: bool = True, kept_layers: int = 0
+) -> int:
+    """Peak GPU bytes of one job of the QLoRA recipe (the fast path, or the reference one);
+    on the fast path, with its last ``kept_layers`` decoder layers not checkpointed."""
     proj = shape.projections()
     linear = shape.layers * sum(i * o for i, o in proj.values())
     lora = shape.layers * sum(
@@ -118,8 +142,19 @@ def estimate_bytes(shape: ModelShape, cfg: JobConfig, *, fast_path: bool = True)
         + lora * LORA_BYTES_PER_PARAM
         + checkpoints
         + working
+        + (kept_layer_bytes(shape, cfg) * min(kept_layers, shape.layers) if fast_path else 0)
         + OVERHEAD_BYTES
     )
+
+
+def kept_layers_for_budget(shape: ModelShape, cfg: JobConfig, budget_bytes: float) -> int:
+    """How many decoder layers the fast path can keep (not checkpoint) within
+    ``budget_bytes``: the most whose estimate fits, 0 where even the all-checkpointed
+    job does not."""
+    base = estimate_bytes(shape, cfg)
+    if base > budget_bytes:
+        return 0
+    return min(shape.layers, int((budget_bytes - base) // kept_layer_bytes(shape, cfg)))
 
 
 @dataclass(frozen=True)

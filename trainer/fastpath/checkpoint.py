@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from trainer.fastpath import parking
 
@@ -69,7 +70,9 @@ def offloaded_checkpoint(run, hidden_states, *args, **kwargs):
     return OffloadedCheckpoint.apply(run, hidden_states)
 
 
-def install_checkpointing(model, offload: bool) -> None:
+def install_checkpointing(model, offload: bool, kept_layers: int = 0) -> None:
+    """Checkpoint every decoder layer but the last ``kept_layers`` (those keep their
+    activations for the backward: the memory a budget allows, spent on no recompute)."""
     func = offloaded_checkpoint if offload else non_reentrant_checkpoint
     original = model.gradient_checkpointing_enable
 
@@ -79,6 +82,9 @@ def install_checkpointing(model, offload: bool) -> None:
         for module in model.modules():
             if hasattr(module, "_gradient_checkpointing_func"):
                 module._gradient_checkpointing_func = func
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for layer in layers[len(layers) - kept_layers :] if kept_layers > 0 else []:
+            layer.gradient_checkpointing = False
         if offload:
             model.enable_input_require_grads()  # the parked input is what carries the gradient
 

@@ -40,7 +40,7 @@ def prepare_model(model, cfg: FastPathConfig | None = None):
             model.config._attn_implementation = name
         model.get_decoder().register_forward_pre_hook(add_varlen_kwargs, with_kwargs=True)
     if cfg.gradient_checkpointing:
-        install_checkpointing(model, cfg.offload_checkpoints)
+        install_checkpointing(model, cfg.offload_checkpoints, cfg.kept_layers)
     if cfg.replay_attention and cfg.varlen_attention:
         for layer in model.modules():
             if type(layer).__name__ in _REPLAY_LAYERS and hasattr(layer, "self_attn"):
