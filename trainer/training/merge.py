@@ -10,6 +10,9 @@ is read, so each shard's header is written first and its tensors follow one at a
 at most one base tensor (and its LoRA pair) is in memory, on the CPU or on the card,
 never the whole model. Everything is written into a staging folder beside ``output``,
 fsynced and renamed into place last: a crash never leaves a half export that looks whole.
+Measured on the H200 (2026-12-03): a 3.1 GB bf16 Llama of 8B's layer shape (6 layers) with
+r=64 on all 7 projections merged in 18 s on the card (GPU peak 596 MiB, anonymous RSS peak
+746 MiB) and in 13 s on the CPU (RSS peak 593 MiB); both outputs were bit-identical.
 
 The adapter is a PEFT folder as ``trainer.training.recipe`` saves it (``adapter_config.json``
 + ``adapter_model.safetensors``, tokenizer files). Plain LoRA on linear layers is merged,
