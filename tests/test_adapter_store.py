@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from trainer.adapter_store import AdapterStore, LocalAdapterStore
+from trainer.errors import FailedPrecondition, NotFound
 from trainer.layout import Layout
 
 STORES: dict[str, Callable[[Path], AdapterStore]] = {
@@ -62,3 +63,60 @@ def test_unpublish_then_remove(store: AdapterStore, tmp_path: Path) -> None:
     assert store.versions("acme", "bot") == [] and store.names("acme") == []
     assert store.fetch("acme", "bot", version) is None
     store.remove("acme", "bot")  # removing what is gone is not an error
+
+
+def test_a_pinned_version_stays_current_through_later_publishes(
+    store: AdapterStore, tmp_path: Path
+) -> None:
+    for i in (1, 2):
+        store.publish("acme", "bot", _adapter(tmp_path / f"w{i}", b"w%d" % i), {"job_id": f"j{i}"})
+    assert store.pin("acme", "bot", "v0001") == "v0001"
+    assert store.current("acme", "bot") == "v0001" and store.pinned("acme", "bot") == "v0001"
+    # Published while pinned: held (and fetchable by version) but not current.
+    v3 = store.publish("acme", "bot", _adapter(tmp_path / "w3", b"w3"), {"job_id": "j3"})
+    assert v3 == "v0003" and store.current("acme", "bot") == "v0001"
+    assert store.fetch("acme", "bot", v3) is not None
+    assert store.manifest("acme", "bot", v3) == {"job_id": "j3"}
+    # Back to the newest, now and later.
+    assert store.pin("acme", "bot", None) == "v0003" and store.pinned("acme", "bot") is None
+    v4 = store.publish("acme", "bot", _adapter(tmp_path / "w4", b"w4"), {"job_id": "j4"})
+    assert store.current("acme", "bot") == v4
+    with pytest.raises(NotFound):
+        store.pin("acme", "bot", "v0009")
+    with pytest.raises(NotFound):
+        store.pin("acme", "nobody", None)
+    assert store.current("acme", "bot") == v4
+
+
+def test_removing_a_version_frees_it_but_never_the_served_one(
+    store: AdapterStore, tmp_path: Path
+) -> None:
+    for i in (1, 2):
+        store.publish("acme", "bot", _adapter(tmp_path / f"w{i}", b"x" * 100 * i), {"job_id": i})
+    assert store.size("acme", "bot", "v0001") > 100
+    with pytest.raises(FailedPrecondition):
+        store.remove_version("acme", "bot", "v0002")  # current
+    store.pin("acme", "bot", "v0001")
+    with pytest.raises(FailedPrecondition):
+        store.remove_version("acme", "bot", "v0001")  # pinned
+    store.remove_version("acme", "bot", "v0002")
+    assert store.versions("acme", "bot") == ["v0001"] and store.size("acme", "bot", "v0002") == 0
+    with pytest.raises(NotFound):
+        store.remove_version("acme", "bot", "v0002")
+    assert store.fetch("acme", "bot", "v0001") is not None
+
+
+def test_unpublished_lists_what_no_name_serves(store: AdapterStore, tmp_path: Path) -> None:
+    store.publish("acme", "kept", _adapter(tmp_path / "a", b"a"), {"job_id": "a"})
+    store.publish("acme", "gone", _adapter(tmp_path / "b", b"b"), {"job_id": "b"})
+    store.unpublish("acme", "gone")
+    assert store.unpublished() == [("acme", "gone")]
+    store.remove("acme", "gone")
+    assert store.unpublished() == []
+
+
+def test_versions_sort_by_number(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "data").create()
+    for v in ("v9999", "v10000", "v0002"):
+        layout.version_dir("acme", "bot", v).mkdir(parents=True)
+    assert layout.versions("acme", "bot") == ["v0002", "v9999", "v10000"]

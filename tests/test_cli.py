@@ -579,7 +579,11 @@ def test_listings_after_the_run(run):
     assert "state      SUCCEEDED" in detail and "served as acme/secret" in detail
     assert "lora_rank=8" in detail and "eval fraction 0.25" in detail
     adapters = finetune("adapters", "list", key=key, addr=service.addr).stdout.splitlines()
-    assert adapters[1].split()[:4] == ["acme/secret", job.adapter_version, "tiny", job.id]
+    assert adapters[0].split() == [
+        "ADAPTER", "SERVED", "NEWEST", "VERSIONS", "BASE", "JOB", "AGE"
+    ]  # fmt: skip
+    v = job.adapter_version
+    assert adapters[1].split()[:6] == ["acme/secret", v, v, "1", "tiny", job.id]
     as_json = json.loads(finetune("jobs", "list", "--json", key=key, addr=service.addr).stdout)
     assert any(j["id"] == job.id and j["state"] == "JOB_STATE_SUCCEEDED" for j in as_json)
     # Cancelling a finished job changes nothing; the adapter can be deleted.

@@ -50,6 +50,25 @@ def test_flags_take_the_fields_defaults_types_and_environment(monkeypatch) -> No
     assert got == {"a": "/m/a", "b": "/other", "c": "/m/c"}  # variable first, flags after
 
 
+@dataclass
+class Switch:
+    keep: bool = field(default=False, metadata={"help": "Keep.", "env": "EXAMPLE_KEEP"})
+
+
+def test_a_bool_field_is_a_flag_pair_and_reads_its_variable(monkeypatch) -> None:
+    def parse(argv: list[str]) -> bool:
+        parser = argparse.ArgumentParser()
+        add_flags(parser, Switch)
+        return from_flags(Switch, parser.parse_args(argv)).keep
+
+    assert parse([]) is False and parse(["--keep"]) is True
+    monkeypatch.setenv("EXAMPLE_KEEP", "yes")
+    assert parse([]) is True and parse(["--no-keep"]) is False
+    monkeypatch.setenv("EXAMPLE_KEEP", "maybe")
+    with pytest.raises(ValueError, match="maybe"):
+        parse([])
+
+
 def test_help_shows_each_default_and_variable_once() -> None:
     parser = argparse.ArgumentParser()
     add_flags(parser, Example)

@@ -372,6 +372,14 @@ def _plausible(field: FieldDescriptor, svc) -> st.SearchStrategy[Any]:
         return st.from_regex(r"[a-z][a-z0-9-]{0,12}", fullmatch=True)
     if name == "eval_fraction":
         return st.sampled_from([0.1, 0.25, 0.5])
+    if name == "adapter":  # a name, or a name's version
+        return st.from_regex(r"[a-z][a-z0-9-]{0,12}(@v000[1-3])?", fullmatch=True)
+    if name == "version":
+        return st.sampled_from(["", "v0001", "v0002"])
+    if name == "page_size":
+        return st.integers(0, 100)
+    if name == "request_id":
+        return st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,35}", fullmatch=True)
     if field.message_type is not None:
         return st.just(message_factory.GetMessageClass(field.message_type)())
     return st.nothing()  # anything else stays unset
@@ -399,7 +407,10 @@ def test_nearly_valid_requests_get_a_precise_status(svc, method, data):
         elif f.name in REQUIRED:
             value = data.draw(_plausible(f, svc))
         else:
-            options = data.draw(st.lists(_plausible(f, svc), max_size=1))
+            plausible = _plausible(f, svc)
+            if plausible.is_empty:  # no plausible value: it stays unset
+                continue
+            options = data.draw(st.lists(plausible, max_size=1))
             if not options:
                 continue
             value = options[0]

@@ -76,8 +76,10 @@ def _request(method: MethodDescriptor, target: dict[str, str], upload_as: str = 
             setattr(msg, f.name, target[kind])
         elif f.name.endswith("dataset_id"):
             setattr(msg, f.name, target["ds"])
-        elif f.name == "name":
+        elif f.name in ("name", "adapter"):  # DownloadRequest: its oneof's adapter
             setattr(msg, f.name, target["adapter"])
+        elif f.name == "job_id":
+            msg.job_id = target["job"]
         elif f.name == "base_model":
             msg.base_model = "tiny"
         elif f.name == "adapter_name":
@@ -109,7 +111,7 @@ def _bearer(key: str, act_as: str | None = None) -> list[tuple[str, str]]:
 
 def _names_an_object(method: MethodDescriptor) -> bool:
     names = set(method.input_type.fields_by_name)
-    return bool(names & {"id", "name", "dataset_id"})
+    return bool(names & {"id", "name", "dataset_id", "adapter", "job_id"})
 
 
 def test_the_table_covers_every_rpc():

@@ -97,6 +97,23 @@ def test_every_rpc_requires_a_valid_key(svc):
         "UploadDataset": lambda md: stub.UploadDataset(
             iter([pb.UploadDatasetRequest(header=pb.UploadDatasetHeader(name="x"))]), metadata=md
         ),
+        "ListAdapterVersions": lambda md: stub.ListAdapterVersions(
+            pb.ListAdapterVersionsRequest(name="x"), metadata=md
+        ),
+        "SetServedVersion": lambda md: stub.SetServedVersion(
+            pb.SetServedVersionRequest(name="x", version="v0001"), metadata=md
+        ),
+        "DeleteAdapterVersion": lambda md: stub.DeleteAdapterVersion(
+            pb.DeleteAdapterVersionRequest(name="x", version="v0001"), metadata=md
+        ),
+        "Download": lambda md: list(stub.Download(pb.DownloadRequest(adapter="x"), metadata=md)),
+        "ExportMergedModel": lambda md: stub.ExportMergedModel(
+            pb.ExportMergedModelRequest(adapter="x"), metadata=md
+        ),
+        "DeleteExport": lambda md: stub.DeleteExport(
+            pb.DeleteExportRequest(job_id="x"), metadata=md
+        ),
+        "GetUsage": lambda md: stub.GetUsage(pb.GetUsageRequest(), metadata=md),
     }
     assert set(calls) == set(pb.DESCRIPTOR.services_by_name["Trainer"].methods_by_name)
     for name, call in calls.items():

@@ -6,11 +6,13 @@ one implementation today, keeps them on the shared volume::
 
     DATA/adapters/<tenant>/<adapter>/<version>/   adapter, tokenizer, manifest.json
     DATA/adapters/<tenant>/<adapter>/current      names the current version
+    DATA/adapters/<tenant>/<adapter>/pinned       names the version pinned as current, if any
 
 Its rules, whatever holds the bytes (object storage, for several hosts, keeps them too):
 a version is written whole before anything can name it, and never modified afterwards
 (vLLM re-reads a folder after evicting it from its CPU cache); the current pointer moves
-last. This module is imported by the vLLM plugin too, so it stays free of heavy imports.
+last, to the new version unless an earlier one is pinned (a rollback). This module is
+imported by the vLLM plugin too, so it stays free of heavy imports.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from trainer.errors import InvalidArgument
-from trainer.layout import CURRENT, Layout, fsync_dir, write_atomic
+from trainer.errors import FailedPrecondition, InvalidArgument, NotFound
+from trainer.layout import CURRENT, PINNED, Layout, fsync_dir, write_atomic
 from trainer.names import check_name
 
 log = logging.getLogger("vllm.finetune.adapter_store")  # also logged inside vLLM
@@ -36,8 +38,30 @@ MANIFEST = "manifest.json"
 class AdapterStore(Protocol):
     def publish(self, tenant: str, adapter: str, src: Path, manifest: dict[str, Any]) -> str:
         """``src`` (an adapter's folder) with ``manifest`` as the next version, then the
-        current one; the version. A job that published already (a restart mid-publish)
-        gets its own version back, named current again, not a second one."""
+        current one unless a version is pinned; the version. A job that published already
+        (a restart mid-publish) gets its own version back, not a second one."""
+        ...
+
+    def pin(self, tenant: str, adapter: str, version: str | None) -> str:
+        """Serve ``version`` from now on, whatever is published later (None: the newest,
+        now and later); the version current now. An unknown version is ``NotFound``."""
+        ...
+
+    def pinned(self, tenant: str, adapter: str) -> str | None:
+        """The version pinned, or None when the newest is served."""
+        ...
+
+    def manifest(self, tenant: str, adapter: str, version: str) -> dict[str, Any] | None:
+        """The manifest ``version`` was published with, or None."""
+        ...
+
+    def size(self, tenant: str, adapter: str, version: str) -> int:
+        """The bytes ``version`` holds."""
+        ...
+
+    def remove_version(self, tenant: str, adapter: str, version: str) -> None:
+        """``version``'s bytes gone; refused (``FailedPrecondition``) for the current one,
+        ``NotFound`` for one not held. Only once nothing serves it."""
         ...
 
     def current(self, tenant: str, adapter: str) -> str | None:
@@ -60,6 +84,10 @@ class AdapterStore(Protocol):
         """The name stops resolving (its versions stay until ``remove``)."""
         ...
 
+    def unpublished(self) -> list[tuple[str, str]]:
+        """Every (tenant, adapter) holding versions that no name serves."""
+        ...
+
     def remove(self, tenant: str, adapter: str) -> None:
         """Every version's bytes gone: only once nothing serves them."""
         ...
@@ -75,8 +103,54 @@ class LocalAdapterStore:
         version = self._version_of_job(tenant, adapter, manifest["job_id"])
         if version is None:
             version = self._write_version(tenant, adapter, src, manifest)
-        write_atomic(self.layout.adapter_dir(tenant, adapter) / CURRENT, version.encode())
+        current = self.pinned(tenant, adapter) or version
+        write_atomic(self.layout.adapter_dir(tenant, adapter) / CURRENT, current.encode())
         return version
+
+    def pin(self, tenant: str, adapter: str, version: str | None) -> str:
+        held = self.versions(tenant, adapter)
+        if not held:
+            raise NotFound(f"adapter {adapter!r} not found")
+        folder = self.layout.adapter_dir(tenant, adapter)
+        if version is None:
+            with contextlib.suppress(FileNotFoundError):
+                (folder / PINNED).unlink()
+            current = held[-1]
+        elif version not in held:
+            raise NotFound(f"version: {adapter!r} has no version {version!r}; it has {held}")
+        else:
+            write_atomic(folder / PINNED, version.encode())
+            current = version
+        write_atomic(folder / CURRENT, current.encode())
+        return current
+
+    def pinned(self, tenant: str, adapter: str) -> str | None:
+        return self.layout.pinned_version(tenant, adapter)
+
+    def manifest(self, tenant: str, adapter: str, version: str) -> dict[str, Any] | None:
+        path = self.layout.version_dir(tenant, adapter, version) / MANIFEST
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def size(self, tenant: str, adapter: str, version: str) -> int:
+        folder = self.layout.version_dir(tenant, adapter, version)
+        try:
+            return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        except FileNotFoundError:  # removed meanwhile
+            return 0
+
+    def remove_version(self, tenant: str, adapter: str, version: str) -> None:
+        if version not in self.versions(tenant, adapter):
+            raise NotFound(f"version: {adapter!r} has no version {version!r}")
+        if version in (self.current(tenant, adapter), self.pinned(tenant, adapter)):
+            raise FailedPrecondition(
+                f"version: {version} is the one {tenant}/{adapter} serves; pin another "
+                "version first, or delete the adapter"
+            )
+        self._trash(self.layout.version_dir(tenant, adapter, version))
 
     def _version_of_job(self, tenant: str, adapter: str, job_id: str) -> str | None:
         for version in self.versions(tenant, adapter):
@@ -141,8 +215,22 @@ class LocalAdapterStore:
         with contextlib.suppress(FileNotFoundError):
             (self.layout.adapter_dir(tenant, adapter) / CURRENT).unlink()
 
+    def unpublished(self) -> list[tuple[str, str]]:
+        found = []
+        for tenant_dir in sorted(self.layout.adapters.iterdir()):
+            if tenant_dir.name.startswith(".") or not tenant_dir.is_dir():
+                continue
+            for name in self.names(tenant_dir.name):
+                if self.versions(tenant_dir.name, name) and not self.current(tenant_dir.name, name):
+                    found.append((tenant_dir.name, name))
+        return found
+
     def remove(self, tenant: str, adapter: str) -> None:
+        self._trash(self.layout.adapter_dir(tenant, adapter))
+
+    def _trash(self, folder: Path) -> None:
+        """Renamed out of sight at once (a reader sees all of it or none), then deleted."""
         trash = self.layout.staging / f"deleted-{uuid.uuid4().hex}"
         with contextlib.suppress(FileNotFoundError):
-            os.rename(self.layout.adapter_dir(tenant, adapter), trash)
+            os.rename(folder, trash)
             shutil.rmtree(trash, ignore_errors=True)

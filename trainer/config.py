@@ -186,6 +186,12 @@ class JobSpec:
     fast_path: bool = field(
         default=True, metadata={"help": "On a GPU, train through trainer.fastpath."}
     )
+    adapter_path: str = field(
+        default="", metadata={"help": "MERGE_EXPORT: the adapter version's folder to merge."}
+    )
+    export_dir: str = field(
+        default="", metadata={"help": "MERGE_EXPORT: where the merged model goes (not there yet)."}
+    )
 
     @property
     def folder(self) -> JobFolder:
@@ -304,6 +310,31 @@ class ServiceConfig:
             "env": "FINETUNE_MAX_VALIDATIONS",
         },
     )
+    max_queued_jobs: int = field(
+        default=20,
+        metadata={
+            "help": "Unfinished jobs (queued or running) one tenant may have; one more is "
+            "refused with RESOURCE_EXHAUSTED (0: no limit).",
+            "env": "FINETUNE_MAX_QUEUED_JOBS",
+        },
+    )
+    max_stored_bytes: int = field(
+        default=100 << 30,
+        metadata={
+            "help": "Bytes one tenant may store (datasets, adapter versions, merged "
+            "exports); an upload or job past it is refused before anything is stored "
+            "(0: no limit).",
+            "env": "FINETUNE_MAX_STORED_BYTES",
+        },
+    )
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep a job's checkpoints after its adapter is published (by default "
+            "they are deleted then: the published version is what is kept).",
+            "env": "FINETUNE_KEEP_CHECKPOINTS",
+        },
+    )
     metrics_listen: str | None = field(
         default=None,
         metadata={
@@ -333,6 +364,8 @@ class ServiceConfig:
             raise ValueError(f"max_lora_rank {self.max_lora_rank} is not one of {VLLM_LORA_RANKS}")
         if self.min_examples < 1:
             raise ValueError(f"min_examples {self.min_examples} is not at least 1")
+        if self.max_queued_jobs < 0 or self.max_stored_bytes < 0:
+            raise ValueError("max_queued_jobs and max_stored_bytes are at least 0 (0: no limit)")
         if self.max_validations < 1:
             raise ValueError(f"max_validations {self.max_validations} is not at least 1")
         if self.gpu_memory_budget is not None and not 0 < self.gpu_memory_budget <= 1:

@@ -41,3 +41,8 @@ class Unauthenticated(DomainError):
 
 class PermissionDenied(DomainError):
     """A valid key that may not do this."""
+
+
+class Unavailable(DomainError):
+    """A service this one depends on (vLLM, the job store, object storage) did not answer
+    or confirm; nothing was changed, and the call may be retried."""

@@ -5,7 +5,8 @@ A field's metadata gives its ``help`` and, optionally, ``env`` (the environment 
 stands in for an absent flag), ``flag`` (its name, else ``--field-name``), ``metavar``,
 ``choices`` and ``append`` (a repeatable flag; the variable's value comes first). Values are
 parsed by the field's type (``int``, ``float``, ``Path`` or ``str``, each optionally
-``| None``) or by the metadata's ``parse`` (which, for ``append``, gets the list).
+``| None``) or by the metadata's ``parse`` (which, for ``append``, gets the list). A ``bool``
+field is a ``--name``/``--no-name`` pair; its variable reads 1/true/yes/on or 0/false/no/off.
 """
 
 from __future__ import annotations
@@ -18,7 +19,26 @@ from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
 T = TypeVar("T")
-_PARSERS: dict[type, Callable[[str], Any]] = {int: int, float: float, Path: Path, str: str}
+
+
+def parse_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean (1/true/yes/on or 0/false/no/off)")
+
+
+_PARSERS: dict[type, Callable[[Any], Any]] = {
+    bool: parse_bool,
+    int: int,
+    float: float,
+    Path: Path,
+    str: str,
+}
 
 
 def _parser(cls: type, f: Field) -> Callable[[Any], Any]:
@@ -61,6 +81,10 @@ def add_flags(
         }
         if meta.get("append"):
             kwargs.update(action="append", default=[env] if env else [])
+        elif get_type_hints(cls)[f.name] is bool:
+            default = parse_bool(env) if env is not None else _default(f)
+            kwargs.update(action=argparse.BooleanOptionalAction, default=default)
+            kwargs.pop("metavar")
         else:
             parse = _parser(cls, f)
             default = parse(env) if env is not None else _default(f)

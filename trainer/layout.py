@@ -9,8 +9,12 @@
       jobs/<job_id>/                     a job's folder (``JobFolder``): spec.json, worker.log,
                                          rows/, checkpoints/, output/, curves/
       adapters/<tenant>/<adapter>/<version>/   immutable published versions
-      adapters/<tenant>/<adapter>/current      names the newest version
+      adapters/<tenant>/<adapter>/current      names the version served (the newest, or
+                                               the pinned one)
+      adapters/<tenant>/<adapter>/pinned       names the version pinned (SetServedVersion)
       adapters/.staging/                 publishing in progress (same filesystem)
+      exports/<tenant>/<job_id>/         merged models (MERGE_EXPORT jobs)
+      exports/.staging/                  exports in progress
       tmp/                               uploads in progress
 
 Every name is validated before it is joined onto a path; this module is
@@ -30,6 +34,7 @@ from trainer.names import check_id, check_name
 
 VERSION_RE = re.compile(r"v[0-9]{4,9}")
 CURRENT = "current"
+PINNED = "pinned"
 
 
 def fsync_dir(path: Path) -> None:
@@ -83,11 +88,28 @@ class Layout:
         return self.adapters / ".staging"
 
     @property
+    def exports(self) -> Path:
+        return self.root / "exports"
+
+    @property
+    def export_staging(self) -> Path:
+        return self.exports / ".staging"
+
+    @property
     def tmp(self) -> Path:
         return self.root / "tmp"
 
     def create(self) -> Layout:
-        for d in (self.root, self.datasets, self.jobs, self.adapters, self.staging, self.tmp):
+        for d in (
+            self.root,
+            self.datasets,
+            self.jobs,
+            self.adapters,
+            self.staging,
+            self.exports,
+            self.export_staging,
+            self.tmp,
+        ):
             d.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -100,7 +122,7 @@ class Layout:
         it serves: nothing of its own is in flight then, and vLLM never reads either.
         """
         removed = []
-        for folder in (self.tmp, self.staging):
+        for folder in (self.tmp, self.staging, self.export_staging):
             if not folder.is_dir():
                 continue
             for p in folder.iterdir():
@@ -122,6 +144,9 @@ class Layout:
     def job(self, job_id: str) -> JobFolder:
         return JobFolder(self.job_dir(job_id))
 
+    def export_dir(self, tenant: str, job_id: str) -> Path:
+        return self.exports / check_name(tenant, "tenant") / check_id(job_id, "job_id")
+
     def adapter_dir(self, tenant: str, adapter: str) -> Path:
         return self.adapters / check_name(tenant, "tenant") / check_name(adapter, "adapter_name")
 
@@ -132,8 +157,15 @@ class Layout:
 
     def current_version(self, tenant: str, adapter: str) -> str | None:
         """The version ``<tenant>/<adapter>`` points at, or None when it is not published."""
+        return self._pointer(tenant, adapter, CURRENT)
+
+    def pinned_version(self, tenant: str, adapter: str) -> str | None:
+        """The version pinned as served, or None when the newest is served."""
+        return self._pointer(tenant, adapter, PINNED)
+
+    def _pointer(self, tenant: str, adapter: str, name: str) -> str | None:
         try:
-            version = (self.adapter_dir(tenant, adapter) / CURRENT).read_text().strip()
+            version = (self.adapter_dir(tenant, adapter) / name).read_text().strip()
         except (FileNotFoundError, NotADirectoryError):
             return None
         return version if VERSION_RE.fullmatch(version) else None
@@ -151,7 +183,8 @@ class Layout:
         d = self.adapter_dir(tenant, adapter)
         if not d.is_dir():
             return []
-        return sorted(p.name for p in d.iterdir() if p.is_dir() and VERSION_RE.fullmatch(p.name))
+        found = [p.name for p in d.iterdir() if p.is_dir() and VERSION_RE.fullmatch(p.name)]
+        return sorted(found, key=lambda v: int(v[1:]))  # by number: v9999 before v10000
 
 
 @dataclass(frozen=True)

@@ -129,8 +129,61 @@ def datasets_table(items: Sequence[pb.Dataset]) -> str:
 
 
 def adapters_table(items: Sequence[pb.Adapter]) -> str:
-    rows = [(a.served_name, a.version, a.base_model, a.job_id, age(a.created_at)) for a in items]
-    return table(("ADAPTER", "VERSION", "BASE", "JOB", "AGE"), rows, empty="no adapters")
+    rows = [
+        (
+            a.served_name,
+            a.version + (" (pinned)" if a.pinned else ""),
+            a.newest_version,
+            a.version_count,
+            a.base_model,
+            a.job_id,
+            age(a.created_at),
+        )
+        for a in items
+    ]
+    return table(
+        ("ADAPTER", "SERVED", "NEWEST", "VERSIONS", "BASE", "JOB", "AGE"), rows, empty="no adapters"
+    )
+
+
+def versions_table(items: Sequence[pb.AdapterVersion]) -> str:
+    rows = [
+        (
+            v.version + (" *" if v.served else ""),
+            v.job_id,
+            v.dataset_id or v.dataset_sha256[:12],
+            fmt_loss(v.eval_loss if v.HasField("eval_loss") else None),
+            fmt_loss(v.train_loss if v.HasField("train_loss") else None),
+            v.hyperparameters.lora_rank,
+            size(v.size_bytes),
+            age(v.created_at),
+        )
+        for v in items
+    ]
+    return table(
+        ("VERSION", "JOB", "DATASET", "EVAL LOSS", "TRAIN LOSS", "RANK", "SIZE", "AGE"),
+        rows,
+        empty="no versions",
+    ) + ("\n* served under the adapter's name" if rows else "")
+
+
+def usage_table(u: pb.Usage) -> str:
+    def limit(n: int, fmt: Any = str) -> str:
+        return fmt(n) if n else "none"
+
+    jobs = ", ".join(f"{k.lower()} {v}" for k, v in sorted(u.jobs_by_state.items())) or "none"
+    rows = [
+        ("tenant", u.tenant),
+        ("tokens trained", f"{u.tokens_trained:,}"),
+        ("device time", f"{u.gpu_seconds / 3600:.2f} h ({u.gpu_seconds:.0f} s)"),
+        ("jobs", jobs),
+        ("datasets", size(u.dataset_bytes)),
+        ("adapters", size(u.adapter_bytes)),
+        ("exports", size(u.export_bytes)),
+        ("stored", f"{size(u.stored_bytes)} of {limit(u.max_stored_bytes, size)}"),
+        ("unfinished jobs allowed", limit(u.max_queued_jobs)),
+    ]
+    return table(("USAGE", ""), rows)
 
 
 def job_details(j: pb.Job) -> str:

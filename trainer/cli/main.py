@@ -183,6 +183,14 @@ def _jobs_parser(sub: Any) -> None:
     a.add_argument("--watch", action="store_true", help="follow it until it ends")
     _client_args(a)
     a = jsub.add_parser("list", help="your jobs, as a table")
+    a.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        choices=["queued", "validating", "running", "succeeded", "failed", "cancelled"],
+        help="only jobs in this state (repeatable)",
+    )
+    a.add_argument("--adapter", default="", help="only jobs for this adapter name")
     _client_args(a)
     for name, hlp in (
         ("get", "one job, in detail"),
@@ -199,13 +207,68 @@ def _jobs_parser(sub: Any) -> None:
 
 
 def _adapters_parser(sub: Any) -> None:
-    ad = sub.add_parser("adapters", help="list and delete published adapters")
+    ad = sub.add_parser(
+        "adapters", help="published adapters: versions, rollback, download, merged export"
+    )
     asub = ad.add_subparsers(dest="action", required=True)
-    a = asub.add_parser("list", help="your adapters, as a table")
+    a = asub.add_parser("list", help="your adapters and the version each serves, as a table")
     _client_args(a)
     a = asub.add_parser("delete", help="unpublish an adapter (every version)")
     a.add_argument("name")
     _client_args(a)
+    a = asub.add_parser("versions", help="every version of an adapter, with its manifest")
+    a.add_argument("name")
+    _client_args(a)
+    a = asub.add_parser(
+        "pin",
+        help="serve an earlier version under the adapter's name (a rollback)",
+        description="vLLM serves it at once, without a restart; new versions are still "
+        "published (as NAME@vNNNN) but not served under NAME until `adapters unpin`.",
+    )
+    a.add_argument("name")
+    a.add_argument("version", help="e.g. v0001")
+    _client_args(a)
+    a = asub.add_parser("unpin", help="serve the newest version again, now and later")
+    a.add_argument("name")
+    _client_args(a)
+    a = asub.add_parser("delete-version", help="remove one version that is not served")
+    a.add_argument("name")
+    a.add_argument("version")
+    _client_args(a)
+    a = asub.add_parser(
+        "download",
+        help="a version as a PEFT folder (PeftModel.from_pretrained, vllm --lora-modules)",
+    )
+    a.add_argument("name", help="NAME (the version served) or NAME@vNNNN")
+    a.add_argument("-o", "--output", type=Path, required=True, help="a new or empty folder")
+    _client_args(a)
+    a = asub.add_parser(
+        "export",
+        help="queue a merged export: the version merged into the bf16 base",
+        description="A job of kind MERGE_EXPORT; once it has SUCCEEDED, "
+        "`finetune exports download JOB -o DIR` fetches the model folder.",
+    )
+    a.add_argument("name", help="NAME (the version served) or NAME@vNNNN")
+    a.add_argument("--watch", action="store_true", help="follow it until it ends")
+    _client_args(a)
+
+
+def _exports_parser(sub: Any) -> None:
+    ex = sub.add_parser("exports", help="merged models made by `adapters export`")
+    esub = ex.add_subparsers(dest="action", required=True)
+    a = esub.add_parser("download", help="a merged export as a Hugging Face model folder")
+    a.add_argument("id", help="the export's job id (job-...)")
+    a.add_argument("-o", "--output", type=Path, required=True, help="a new or empty folder")
+    _client_args(a)
+    a = esub.add_parser("delete", help="free a merged export's bytes")
+    a.add_argument("id", help="the export's job id (job-...)")
+    _client_args(a)
+
+
+def _usage_parser(sub: Any) -> None:
+    u = sub.add_parser("usage", help="what your tenant has used and stores, and its limits")
+    u.set_defaults(action="show")
+    _client_args(u)
 
 
 def _chat_parser(sub: Any) -> None:
@@ -216,7 +279,11 @@ def _chat_parser(sub: Any) -> None:
         "the conversation, /exit or Ctrl-D leaves. With --message, or with a pipe on "
         "stdin, it answers and exits.",
     )
-    c.add_argument("adapter", help="'<tenant>/<adapter>', your adapter's name, or a base model")
+    c.add_argument(
+        "adapter",
+        help="'<tenant>/<adapter>', your adapter's name (NAME@vNNNN: that version), "
+        "or a base model",
+    )
     c.add_argument(
         "--base-url",
         default=_env("OPENAI_URL", "http://127.0.0.1:8000/v1"),
@@ -243,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         _datasets_parser,
         _jobs_parser,
         _adapters_parser,
+        _exports_parser,
+        _usage_parser,
         _chat_parser,
     ):
         add(sub)
@@ -554,9 +623,11 @@ def jobs_watch(c: Any, args: argparse.Namespace) -> int:
 
 
 def jobs_list(c: Any, args: argparse.Namespace) -> int:
+    from finetune.v1 import trainer_pb2 as pb
     from trainer.cli.console import jobs_table
 
-    items = c.list_jobs()
+    states = [getattr(pb, f"JOB_STATE_{s.upper()}") for s in args.state]
+    items = c.list_jobs(states, args.adapter)
     _emit(args, items, lambda: jobs_table(items))
     return EXIT_OK
 
@@ -610,20 +681,91 @@ def adapters_delete(c: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def adapters_versions(c: Any, args: argparse.Namespace) -> int:
+    from trainer.cli.console import versions_table
+
+    items = c.list_versions(args.name)
+    _emit(args, items, lambda: versions_table(items))
+    return EXIT_OK
+
+
+def _served(args: argparse.Namespace, a: Any) -> None:
+    how = "pinned" if a.pinned else "the newest"
+    _emit(args, a, f"{a.served_name} serves {a.version} ({how}; newest {a.newest_version})")
+
+
+def adapters_pin(c: Any, args: argparse.Namespace) -> int:
+    _served(args, c.set_served_version(args.name, args.version))
+    return EXIT_OK
+
+
+def adapters_unpin(c: Any, args: argparse.Namespace) -> int:
+    _served(args, c.set_served_version(args.name, ""))
+    return EXIT_OK
+
+
+def adapters_delete_version(c: Any, args: argparse.Namespace) -> int:
+    c.delete_version(args.name, args.version)
+    _note(args, f"{args.name} {args.version} deleted")
+    return EXIT_OK
+
+
+def _downloaded(args: argparse.Namespace, out: Path) -> int:
+    files = sorted(p.name for p in out.iterdir())
+    if args.json:
+        print(json.dumps({"folder": str(out), "files": files}, indent=2))
+    else:
+        print(out)
+        _note(args, f"{len(files)} files: {', '.join(files)}")
+    return EXIT_OK
+
+
+def adapters_download(c: Any, args: argparse.Namespace) -> int:
+    return _downloaded(args, c.download(args.output, adapter=args.name))
+
+
+def adapters_export(c: Any, args: argparse.Namespace) -> int:
+    job = c.export_merged(args.name)
+    if args.watch:
+        return _watch(c, job.id, args)
+    _emit(args, job, job.id)
+    return EXIT_OK
+
+
+def exports_download(c: Any, args: argparse.Namespace) -> int:
+    return _downloaded(args, c.download(args.output, export_job_id=args.id))
+
+
+def exports_delete(c: Any, args: argparse.Namespace) -> int:
+    c.delete_export(args.id)
+    _note(args, f"export {args.id} deleted")
+    return EXIT_OK
+
+
+def usage_show(c: Any, args: argparse.Namespace) -> int:
+    from trainer.cli.console import usage_table
+
+    u = c.usage()
+    _emit(args, u, lambda: usage_table(u))
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- chat
 def cmd_chat(args: argparse.Namespace) -> int:
     from trainer.cli.chat import ChatError, ChatSession, repl
 
     model = args.adapter
-    if "/" not in model:  # a short adapter name: the trainer knows its served name
+    if "/" not in model:  # a short adapter name (NAME or NAME@vNNNN): the trainer knows it
         import grpc
 
         from trainer.cli.client import TrainerClient
 
+        name, at, version = model.partition("@")
         try:
             with TrainerClient(args.addr, args.api_key, args.tenant, timeout=5) as c:
                 model = next(
-                    (a.served_name for a in c.list_adapters() if a.name == args.adapter), model
+                    (a.served_name + at + version for a in c.list_adapters() if a.name == name),
+                    model,
                 )
         except grpc.RpcError:
             pass  # a base model's name, or no trainer at hand: ask vLLM as it is
@@ -669,6 +811,15 @@ COMMANDS: dict[tuple[str, str], Callable[[Any, argparse.Namespace], int]] = {
     ("jobs", "plot"): jobs_plot,
     ("adapters", "list"): adapters_list,
     ("adapters", "delete"): adapters_delete,
+    ("adapters", "versions"): adapters_versions,
+    ("adapters", "pin"): adapters_pin,
+    ("adapters", "unpin"): adapters_unpin,
+    ("adapters", "delete-version"): adapters_delete_version,
+    ("adapters", "download"): adapters_download,
+    ("adapters", "export"): adapters_export,
+    ("exports", "download"): exports_download,
+    ("exports", "delete"): exports_delete,
+    ("usage", "show"): usage_show,
 }
 
 

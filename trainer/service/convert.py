@@ -9,15 +9,18 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from finetune.v1 import trainer_pb2 as pb
 from trainer.config import EvalSplit, JobConfig
 from trainer.data.report import Finding, Report
+from trainer.errors import InvalidArgument
 from trainer.names import served_name
+from trainer.service.publish import AdapterView, VersionView
 from trainer.service.store import (
-    AdapterRecord,
     DatasetRecord,
     ErrorKind,
     EventRecord,
+    JobKind,
     JobRecord,
     JobState,
 )
+from trainer.service.usage import Quotas, TenantUsage
 
 _FORMATS = {
     "messages": pb.DATASET_FORMAT_MESSAGES,
@@ -27,6 +30,8 @@ _FORMATS = {
 }
 _SEVERITIES = {"error": pb.Finding.SEVERITY_ERROR, "warning": pb.Finding.SEVERITY_WARNING}
 _STATES = {s: getattr(pb, f"JOB_STATE_{s.value}") for s in JobState}
+_STATE_OF = {v: k for k, v in _STATES.items()}
+_JOB_KINDS = {k: getattr(pb, f"JOB_KIND_{k.value}") for k in JobKind}
 _KINDS = {
     ErrorKind.NONE: pb.ERROR_KIND_UNSPECIFIED,
     ErrorKind.USER: pb.ERROR_KIND_USER,
@@ -164,7 +169,17 @@ def job(rec: JobRecord) -> pb.Job:
         validation_dataset_id=rec.validation_dataset_id,
         eval_fraction=rec.eval_fraction,
         dataset_report=dataset_report(rec.report),
+        kind=_JOB_KINDS[rec.kind],
+        export_size_bytes=rec.export_size_bytes,
     )
+
+
+def job_states(states: Any) -> tuple[JobState, ...]:
+    """A ListJobs filter's states; UNSPECIFIED (or an unknown number) is refused."""
+    try:
+        return tuple(_STATE_OF[s] for s in states)
+    except KeyError as e:
+        raise InvalidArgument("states", f"{e.args[0]} is not a job state") from None
 
 
 def event(ev: EventRecord) -> pb.JobEvent:
@@ -178,7 +193,8 @@ def event(ev: EventRecord) -> pb.JobEvent:
     )
 
 
-def adapter(rec: AdapterRecord) -> pb.Adapter:
+def adapter(view: AdapterView) -> pb.Adapter:
+    rec = view.served
     return pb.Adapter(
         tenant=rec.tenant,
         name=rec.name,
@@ -187,4 +203,45 @@ def adapter(rec: AdapterRecord) -> pb.Adapter:
         job_id=rec.job_id,
         base_model=rec.base_model,
         created_at=_ts(rec.created_at),
+        newest_version=view.newest,
+        pinned=view.pinned,
+        version_count=view.version_count,
+    )
+
+
+def adapter_version(view: VersionView) -> pb.AdapterVersion:
+    rec, manifest = view.record, view.manifest
+    metrics = manifest.get("metrics") or {}
+    eval_loss, train_loss = (
+        metrics.get("best_eval_loss", metrics.get("eval_loss")),
+        metrics.get("train_loss"),
+    )
+    return pb.AdapterVersion(
+        version=rec.version,
+        served_name=f"{served_name(rec.tenant, rec.name)}@{rec.version}",
+        job_id=rec.job_id,
+        dataset_id=view.dataset_id,
+        dataset_sha256=manifest.get("dataset_sha256", ""),
+        base_model=rec.base_model,
+        hyperparameters=hyperparameters(manifest.get("hyperparameters") or {}),
+        eval_loss=eval_loss,
+        train_loss=train_loss,
+        size_bytes=view.size_bytes,
+        created_at=_ts(rec.created_at),
+        served=view.served,
+    )
+
+
+def usage(u: TenantUsage, quotas: Quotas) -> pb.Usage:
+    return pb.Usage(
+        tenant=u.tenant,
+        tokens_trained=u.tokens_trained,
+        gpu_seconds=u.gpu_seconds,
+        jobs_by_state=u.jobs_by_state,
+        dataset_bytes=u.dataset_bytes,
+        adapter_bytes=u.adapter_bytes,
+        export_bytes=u.export_bytes,
+        stored_bytes=u.stored_bytes,
+        max_queued_jobs=quotas.max_queued_jobs,
+        max_stored_bytes=quotas.max_stored_bytes,
     )

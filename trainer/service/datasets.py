@@ -4,7 +4,9 @@ Bytes are written to a temporary file under ``DATA/tmp`` while they are hashed
 and counted; past the size limit, on a cut-off stream, or on a file that fails
 the structural check (``trainer.data.examples.scan``: every line, JSONL or Parquet),
 the temporary file is removed and nothing is recorded. Only a complete, valid
-upload is renamed to ``DATA/datasets/<sha256>``.
+upload is renamed to ``DATA/datasets/<sha256>``. The tenant's stored-bytes quota bounds an
+upload like the size limit does; a retried upload (same ``request_id``) returns the
+dataset the first one stored.
 """
 
 from __future__ import annotations
@@ -27,16 +29,27 @@ from trainer.errors import (
 from trainer.layout import Layout, fsync_dir
 from trainer.names import check_name
 from trainer.service.store import DatasetRecord, Store, new_id
+from trainer.service.usage import Quotas, UsageMeter
 
 
 class DatasetIngest:
     """Receives uploads and manages the tenant's dataset records and files."""
 
-    def __init__(self, store: Store, layout: Layout, max_bytes: int, min_examples: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        layout: Layout,
+        max_bytes: int,
+        min_examples: int,
+        meter: UsageMeter,
+        quotas: Quotas,
+    ) -> None:
         self.store = store
         self.layout = layout
         self.max_bytes = max_bytes
         self.min_examples = min_examples
+        self.meter = meter
+        self.quotas = quotas
 
     async def upload(
         self,
@@ -45,12 +58,20 @@ class DatasetIngest:
         chunks: AsyncIterator[bytes],
         size_bytes: int | None = None,
         sha256: str | None = None,
+        request_id: str = "",
     ) -> DatasetRecord:
         check_name(name, "header.name")
+        if request_id:
+            check_name(request_id, "header.request_id")
+            if earlier := self.store.find_dataset_by_request(tenant, request_id):
+                return earlier
         if size_bytes is not None and size_bytes > self.max_bytes:
             raise ResourceExhausted(
                 f"header.size_bytes: {size_bytes} bytes exceeds the limit of {self.max_bytes}"
             )
+        room = self.quotas.room(self.meter, tenant)
+        if room is not None and (room == 0 or (size_bytes or 0) > room):
+            raise self.quotas.exceeded(self.meter, tenant)
         if self.store.find_dataset_by_name(tenant, name):
             raise AlreadyExists(f"header.name: dataset {name!r} exists")
         tmp = self.layout.tmp / f"upload-{new_id('ds')}"
@@ -64,6 +85,8 @@ class DatasetIngest:
                         raise ResourceExhausted(
                             f"upload exceeds the limit of {self.max_bytes} bytes"
                         )
+                    if room is not None and size > room:
+                        raise self.quotas.exceeded(self.meter, tenant)
                     digest.update(chunk)
                     f.write(chunk)
                 f.flush()
@@ -92,13 +115,16 @@ class DatasetIngest:
             format=found.format,
             file_type=found.file_type,
             created_at=time.time(),
+            request_id=request_id,
         )
         try:
-            self.store.add_dataset(rec)
+            stored = self.store.add_dataset(rec)
         except AlreadyExists:  # a concurrent upload took the name
             self._collect(hexdigest)
             raise
-        return rec
+        if stored.id != rec.id:  # a concurrent retry of the same request stored it first
+            self._collect(hexdigest)
+        return stored
 
     def get(self, tenant: str, dataset_id: str) -> DatasetRecord:
         rec = self.store.get_dataset(tenant, dataset_id)

@@ -1,10 +1,14 @@
-"""Jobs as tenants see them: create, read, cancel and follow; validate a dataset for one."""
+"""Jobs as tenants see them: create, read, cancel and follow; validate a dataset for one;
+export an adapter version merged into its base."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+import shutil
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -21,8 +25,18 @@ from trainer.events import DatasetReport, Event, Failed
 from trainer.layout import write_atomic
 from trainer.memory import MemoryBudget
 from trainer.names import check_id, check_name
+from trainer.service.publish import check_version
 from trainer.service.scheduler import EventBus, Scheduler, job_spec
-from trainer.service.store import DatasetRecord, EventRecord, JobRecord, JobState, Store, new_id
+from trainer.service.store import (
+    DatasetRecord,
+    EventRecord,
+    JobKind,
+    JobRecord,
+    JobState,
+    Store,
+    new_id,
+)
+from trainer.service.usage import Quotas, UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +51,8 @@ class Jobs:
         max_lora_rank: int,
         memory: MemoryBudget | None,
         max_validations: int,
+        meter: UsageMeter,
+        quotas: Quotas,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
@@ -45,6 +61,8 @@ class Jobs:
         self.max_lora_rank = max_lora_rank
         self.memory = memory
         self.max_validations = max_validations  # per tenant, at once
+        self.meter = meter
+        self.quotas = quotas
         self._validating: Counter[str] = Counter()
 
     def _draft(
@@ -105,13 +123,80 @@ class Jobs:
         adapter_name: str,
         cfg: JobConfig,
         split: EvalSplit | None = None,
+        request_id: str = "",
     ) -> JobRecord:
+        if earlier := self._retried(tenant, request_id):
+            return earlier
         rec = self._draft(tenant, base_model, dataset_id, adapter_name, cfg, split or EvalSplit())
-        self.store.add_job(rec)  # refused if the name has an active job: checked there, at once
+        rec.request_id = request_id
+        return await self._queue(rec)
+
+    def _retried(self, tenant: str, request_id: str) -> JobRecord | None:
+        """The job a call with this ``request_id`` created already, if any."""
+        if not request_id:
+            return None
+        check_name(request_id, "request_id")
+        return self.store.find_job_by_request(tenant, request_id)
+
+    async def _queue(self, rec: JobRecord) -> JobRecord:
+        self.quotas.check_job(self.meter, rec.tenant)
+        # Refused if the name has an active job, checked there at once; a concurrent retry
+        # of the same request gets the job the first one stored.
+        stored = self.store.add_job(rec)
+        if stored.id != rec.id:
+            return stored
         self.store.append_event(rec.id, JobState.QUEUED, "queued")
         await self.bus.notify()
         self.scheduler.wake()
         return rec
+
+    async def export(self, tenant: str, adapter_ref: str, request_id: str = "") -> JobRecord:
+        """Queue a MERGE_EXPORT job for ``<adapter>`` (the version served) or
+        ``<adapter>@vNNNN``."""
+        if earlier := self._retried(tenant, request_id):
+            return earlier
+        name, _, version = adapter_ref.partition("@")
+        check_name(name, "adapter")
+        adapters = self.scheduler.publisher.adapters
+        if version:
+            check_version(version)
+        else:
+            version = adapters.current(tenant, name) or ""
+        manifest = adapters.manifest(tenant, name, version) if version else None
+        if manifest is None:
+            raise NotFound(f"adapter: {adapter_ref!r} not found")
+        base_model = manifest.get("base_model", "")
+        if base_model not in self.base_models:
+            raise FailedPrecondition(
+                f"adapter: its base model {base_model!r} is no longer served here"
+            )
+        rec = JobRecord(
+            id=new_id("job"),
+            tenant=tenant,
+            base_model=base_model,
+            dataset_id="",
+            dataset_sha256="",
+            adapter_name=name,
+            config={},
+            kind=JobKind.MERGE_EXPORT,
+            adapter_version=version,
+            request_id=request_id,
+        )
+        return await self._queue(rec)
+
+    async def delete_export(self, tenant: str, job_id: str) -> None:
+        """Free a merged export's bytes (the job stays, with no bytes to download)."""
+        job = self.get(tenant, job_id)
+        if job.kind != JobKind.MERGE_EXPORT:
+            raise InvalidArgument("job_id", f"job {job_id} is not a merged export")
+        if not job.state.terminal:
+            raise FailedPrecondition(f"job {job_id} is {job.state}; cancel it first")
+        folder = self.scheduler.layout.export_dir(tenant, job_id)
+        trash = self.scheduler.layout.export_staging / f"deleted-{uuid.uuid4().hex}"
+        with contextlib.suppress(FileNotFoundError):
+            folder.rename(trash)
+            await asyncio.to_thread(shutil.rmtree, trash, True)
+        self.store.update_job(job_id, export_size_bytes=0)
 
     async def validate(
         self, tenant: str, base_model: str, dataset_id: str, cfg: JobConfig, split: EvalSplit
@@ -182,8 +267,12 @@ class Jobs:
             raise NotFound(f"job {job_id!r} not found")
         return rec
 
-    def list(self, tenant: str) -> list[JobRecord]:
-        return self.store.list_jobs(tenant)
+    def list(
+        self, tenant: str, states: tuple[JobState, ...] = (), adapter_name: str = ""
+    ) -> list[JobRecord]:
+        if adapter_name:
+            check_name(adapter_name, "adapter_name")
+        return self.store.list_jobs(tenant, states, adapter_name or None)
 
     async def cancel(self, tenant: str, job_id: str) -> JobRecord:
         rec = self.get(tenant, job_id)

@@ -45,7 +45,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from trainer.errors import AlreadyExists, StorageFull
+from trainer.errors import AlreadyExists, StorageFull, Unavailable
 from trainer.names import fold
 from trainer.service.store import (
     AdapterRecord,
@@ -61,9 +61,10 @@ from trainer.service.store import (
 log = logging.getLogger(__name__)
 
 
-class StoreUnavailable(RuntimeError):
+class StoreUnavailable(Unavailable):
     """PostgreSQL cannot be reached, or the connection was lost during the call (a write
-    in flight may or may not have been committed). Worth retrying later."""
+    in flight may or may not have been committed). Worth retrying later: the gRPC edge
+    answers UNAVAILABLE with this reason."""
 
 
 @dataclass

@@ -10,18 +10,47 @@ import json
 import logging
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from trainer.adapter_store import AdapterStore
 from trainer.config import ALL_PROJECTIONS, VLLM_LORA_RANKS
-from trainer.errors import NotFound
+from trainer.errors import InvalidArgument, NotFound, Unavailable
+from trainer.layout import VERSION_RE
 from trainer.names import served_name
 from trainer.service.store import AdapterRecord, Store
 
 log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def check_version(version: str) -> str:
+    if not VERSION_RE.fullmatch(version):
+        raise InvalidArgument("version", f"{version!r} is not a version like 'v0002'")
+    return version
+
+
+@dataclass(frozen=True)
+class AdapterView:
+    """An adapter as its tenant sees it: the version served and how it was chosen."""
+
+    served: AdapterRecord  # the version served under the plain name
+    newest: str
+    pinned: bool
+    version_count: int
+
+
+@dataclass(frozen=True)
+class VersionView:
+    """One version of an adapter, with what its manifest says."""
+
+    record: AdapterRecord
+    manifest: dict[str, Any]
+    dataset_id: str
+    size_bytes: int
+    served: bool
 
 
 class AdapterRejected(Exception):
@@ -101,7 +130,9 @@ class Publisher:
                 created_at=manifest["created_at"],
             )
         )
-        await self._hot_load(tenant, adapter, version)
+        current = self.adapters.current(tenant, adapter)
+        if current == version:  # not when an earlier version is pinned
+            await self._hot_load(tenant, adapter, version)
         return version
 
     async def _hot_load(self, tenant: str, adapter: str, version: str) -> None:
@@ -116,24 +147,109 @@ class Publisher:
 
     async def delete(self, tenant: str, adapter: str) -> None:
         """Unpublish an adapter name, then remove its versions once vLLM no longer holds them."""
+        versions = self.adapters.versions(tenant, adapter)
         known = self.store.delete_adapter(tenant, adapter)
-        if not known and not self.adapters.versions(tenant, adapter):
+        if not known and not versions:
             raise NotFound(f"adapter {adapter!r} not found")
         async with self._lock:
             # Not current any more: the resolver answers "not found" from now on.
             self.adapters.unpublish(tenant, adapter)
-            unloaded = True
-            if self.loader is not None:
-                try:
-                    await self.loader.unload(served_name(tenant, adapter))
-                except Exception as e:
-                    unloaded = False
-                    log.warning("unload of %s/%s failed: %s", tenant, adapter, e)
-            if not unloaded:
+            await self._remove_unpublished(tenant, adapter, versions)
+
+    async def _remove_unpublished(self, tenant: str, adapter: str, versions: list[str]) -> bool:
+        """Remove an unpublished adapter's versions once vLLM has let go of each name they
+        were served under; keep them (for ``sweep``) if it cannot confirm that."""
+        if self.loader is not None:
+            name = served_name(tenant, adapter)
+            try:
+                for served in [name, *(f"{name}@{v}" for v in versions)]:
+                    await self.loader.unload(served)
+            except Exception as e:
                 # vLLM may still hold the path and re-read it after an eviction: keep the
                 # versions (unreachable by name now) for a later sweep.
-                return
-            await asyncio.to_thread(self.adapters.remove, tenant, adapter)
+                log.warning(
+                    "unload of %s/%s failed, its files stay for now: %s", tenant, adapter, e
+                )
+                return False
+        await asyncio.to_thread(self.adapters.remove, tenant, adapter)
+        return True
+
+    async def sweep(self) -> list[str]:
+        """Remove the adapters left unpublished because vLLM could not confirm an unload
+        (``delete``), now that it can; return their served names. Runs at start and after
+        each publish or delete."""
+        removed = []
+        async with self._lock:
+            for tenant, adapter in self.adapters.unpublished():
+                if self.store.list_adapter_versions(tenant, adapter):
+                    continue  # recorded: a publish that has not named its version yet
+                versions = self.adapters.versions(tenant, adapter)
+                if await self._remove_unpublished(tenant, adapter, versions):
+                    removed.append(served_name(tenant, adapter))
+        if removed:
+            log.info("swept %d adapter(s) deleted earlier: %s", len(removed), removed)
+        return removed
+
+    async def set_served(self, tenant: str, adapter: str, version: str | None) -> str:
+        """Serve ``version`` under the adapter's plain name from now on (None: the newest,
+        now and later); vLLM swaps at once. Returns the version served."""
+        if version is not None:
+            check_version(version)
+        async with self._lock:
+            current = await asyncio.to_thread(self.adapters.pin, tenant, adapter, version)
+        await self._hot_load(tenant, adapter, current)
+        return current
+
+    async def delete_version(self, tenant: str, adapter: str, version: str) -> None:
+        """Remove one version that is not the one served; vLLM first forgets its
+        ``@version`` name (if it cannot confirm that, nothing is removed)."""
+        check_version(version)
+        async with self._lock:
+            if version not in self.adapters.versions(tenant, adapter):
+                raise NotFound(f"version: adapter {adapter!r} has no version {version!r}")
+            if self.loader is not None:
+                served = f"{served_name(tenant, adapter)}@{version}"
+                try:
+                    await self.loader.unload(served)
+                except Exception as e:
+                    log.warning("unload of %s failed: %s", served, e)
+                    raise Unavailable(
+                        f"vLLM did not confirm it let go of {served}; nothing was removed, "
+                        "try again"
+                    ) from e
+            await asyncio.to_thread(self.adapters.remove_version, tenant, adapter, version)
+            self.store.delete_adapter_version(tenant, adapter, version)
+
+    def views(self, tenant: str) -> list[AdapterView]:
+        """The tenant's adapters, by name."""
+        found = []
+        for newest in self.store.list_adapters(tenant):
+            records = self.store.list_adapter_versions(tenant, newest.name)
+            current = self.adapters.current(tenant, newest.name)
+            served = next((r for r in records if r.version == current), newest)
+            pinned = self.adapters.pinned(tenant, newest.name) is not None
+            found.append(AdapterView(served, newest.version, pinned, len(records)))
+        return found
+
+    def versions(self, tenant: str, adapter: str) -> list[VersionView]:
+        """Every version of ``adapter``, newest first."""
+        records = self.store.list_adapter_versions(tenant, adapter)
+        if not records:
+            raise NotFound(f"adapter {adapter!r} not found")
+        current = self.adapters.current(tenant, adapter)
+        views = []
+        for r in records:
+            job = self.store.get_job(tenant, r.job_id)
+            views.append(
+                VersionView(
+                    record=r,
+                    manifest=self.adapters.manifest(tenant, adapter, r.version) or {},
+                    dataset_id=job.dataset_id if job else "",
+                    size_bytes=self.adapters.size(tenant, adapter, r.version),
+                    served=r.version == current,
+                )
+            )
+        return views
 
     def manifest(
         self,

@@ -4,7 +4,8 @@
 their ``trainer.events`` back, by type. ``LocalRunner``, the one implementation today,
 starts subprocesses on this host: ``python -m trainer.training.worker SPEC`` (in a session of its
 own, so that a cancel or a crash ends the whole group and frees its memory, on the GPU
-the scheduler gives it) and ``python -m trainer.data.report SPEC`` (for ``ValidateDataset``).
+the scheduler gives it), ``python -m trainer.training.export SPEC`` (a merged export, the
+same way) and ``python -m trainer.data.report SPEC`` (for ``ValidateDataset``).
 Both die with the service (``trainer.processes.die_with_parent``).
 """
 
@@ -79,17 +80,27 @@ class JobRunner(Protocol):
         """The dataset report of the job ``spec_file`` describes; library output to ``log``."""
         ...
 
+    async def export(self, spec_file: Path, log: Path, gpu: int | None) -> Run:
+        """Merge the adapter version ``spec_file`` names into its base, on ``gpu``."""
+        ...
+
 
 class LocalRunner:
     """Runs on this host, as subprocesses of the service."""
 
     async def train(self, spec_file: Path, log: Path, gpu: int | None) -> Run:
+        return await self._on_device("trainer.training.worker", spec_file, log, gpu)
+
+    async def export(self, spec_file: Path, log: Path, gpu: int | None) -> Run:
+        return await self._on_device("trainer.training.export", spec_file, log, gpu)
+
+    async def _on_device(self, module: str, spec_file: Path, log: Path, gpu: int | None) -> Run:
         env = dict(os.environ)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(log, "ab") as stderr:
-            return await self._start(["trainer.training.worker", str(spec_file)], stderr, env, True)
+            return await self._start([module, str(spec_file)], stderr, env, True)
 
     async def validate(self, spec_file: Path, packing: bool, log: Path) -> Run:
         args = ["trainer.data.report", str(spec_file), *(["--packing"] if packing else [])]

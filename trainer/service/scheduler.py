@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from trainer.layout import Layout, write_atomic
 from trainer.service import curves
 from trainer.service.publish import AdapterRejected, Publisher
 from trainer.service.runner import JobRunner, LocalRunner, Run
-from trainer.service.store import ErrorKind, EventRecord, JobRecord, JobState, Store
+from trainer.service.store import ErrorKind, EventRecord, JobKind, JobRecord, JobState, Store
 from trainer.training.worker import EXIT_USER
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,17 @@ class _Running:
 
 
 def job_spec(store: Store, layout: Layout, job: JobRecord, base_path: str) -> JobSpec:
-    """What a training subprocess (or a validation run) needs to know about ``job``."""
+    """What a training subprocess (or a validation run, or an export) needs to know."""
+    if job.kind == JobKind.MERGE_EXPORT:
+        return JobSpec(
+            job_id=job.id,
+            base_model=job.base_model,
+            base_model_path=base_path,
+            dataset_path="",
+            job_dir=str(layout.job_dir(job.id)),
+            adapter_path=str(layout.version_dir(job.tenant, job.adapter_name, job.adapter_version)),
+            export_dir=str(layout.export_dir(job.tenant, job.id)),
+        )
     ds = store.get_dataset(job.tenant, job.dataset_id)
     return JobSpec(
         job_id=job.id,
@@ -102,7 +113,10 @@ class Scheduler:
         bus: EventBus,
         devices: int | None = None,
         runner: JobRunner | None = None,
+        *,
+        keep_checkpoints: bool,
     ) -> None:
+        self.keep_checkpoints = keep_checkpoints
         self.store = store
         self.runner = runner or LocalRunner()
         self.layout = layout
@@ -120,6 +134,7 @@ class Scheduler:
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         await self._recover()
+        await self.publisher.sweep()
         self._loop_task = asyncio.create_task(self._loop(), name="scheduler")
 
     async def stop(self) -> None:
@@ -181,7 +196,10 @@ class Scheduler:
             if job.pid:
                 _kill_group_of(job.pid, job.id)
             ckpt = self.layout.job(job.id).last_checkpoint()
-            if job.pid is None and ckpt is None:  # claimed, but its worker never started
+            if job.kind == JobKind.MERGE_EXPORT:  # exports start over: nothing is half-kept
+                self.store.update_job(job.id, state=JobState.QUEUED, pid=None)
+                await self._event(job.id, JobState.QUEUED, "the service restarted; queued again")
+            elif job.pid is None and ckpt is None:  # claimed, but its worker never started
                 self.store.update_job(job.id, state=JobState.QUEUED)
                 await self._event(job.id, JobState.QUEUED, "the service restarted; queued again")
             elif ckpt is not None:
@@ -233,7 +251,8 @@ class Scheduler:
             return
         spec = job_spec(self.store, self.layout, job, base_path)
         write_atomic(folder.spec, json.dumps(spec.to_dict(), indent=2).encode())
-        run = await self.runner.train(folder.spec, folder.log, slot if self.gpus else None)
+        start = self.runner.export if job.kind == JobKind.MERGE_EXPORT else self.runner.train
+        run = await start(folder.spec, folder.log, slot if self.gpus else None)
         running = self._running[job.id] = _Running(job.id, slot, run)
         self.store.update_job(job.id, pid=run.pid)
         device = f"cuda:{slot}" if self.gpus else "cpu"
@@ -296,6 +315,16 @@ class Scheduler:
             self.store.update_job(job.id, state=JobState.QUEUED, pid=None)
             await self._event(job.id, JobState.QUEUED, "the service is stopping; job requeued")
             return
+        if rc == 0 and metrics is not None and job.kind == JobKind.MERGE_EXPORT:
+            size = int(metrics.get("size_bytes", 0))
+            self.store.update_job(job.id, export_size_bytes=size, metrics=metrics)
+            await self._finish(
+                job.id,
+                JobState.SUCCEEDED,
+                f"{job.tenant}/{job.adapter_name}@{job.adapter_version} merged into "
+                f"{job.base_model}: {size} bytes, ready to download",
+            )
+            return
         if rc == 0 and metrics is not None:
             await self._publish(job, metrics)
             return
@@ -344,11 +373,16 @@ class Scheduler:
             )
             return
         self.store.update_job(job.id, adapter_version=version, metrics=metrics)
+        pinned = self.publisher.adapters.pinned(job.tenant, job.adapter_name)
         await self._finish(
             job.id,
             JobState.SUCCEEDED,
-            f"published {job.tenant}/{job.adapter_name} as {version}",
+            f"published {job.tenant}/{job.adapter_name} as {version}"
+            + (f" ({pinned} stays served: it is pinned)" if pinned else ""),
         )
+        if not self.keep_checkpoints:  # the published version is what is kept
+            await asyncio.to_thread(shutil.rmtree, folder.checkpoints, True)
+        await self.publisher.sweep()
 
     # ------------------------------------------------------------ cancel
     async def cancel(self, job: JobRecord) -> None:

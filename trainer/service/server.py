@@ -25,6 +25,7 @@ from trainer.service.publish import AdapterLoader, Publisher
 from trainer.service.scheduler import EventBus, Scheduler
 from trainer.service.servicer import STATUS, TrainerServicer
 from trainer.service.store import SqliteStore
+from trainer.service.usage import Quotas, UsageCollector, UsageMeter
 from trainer.service.wire import DecodeGuard
 from trainer.tenants import TenantRegistry
 
@@ -56,17 +57,38 @@ async def serve(
     # Job transitions are logged, curves recorded and ended jobs counted as events are stored.
     store.listen(JobObserver(store, layout, on_end=metrics.job_ended))
     assert cfg.tenants_file is not None
-    auth = Authenticator(TenantRegistry(cfg.tenants_file))
+    tenants = TenantRegistry(cfg.tenants_file)
+    auth = Authenticator(tenants)
     bus = EventBus()
-    publisher = Publisher(LocalAdapterStore(layout), store, cfg.max_lora_rank, _loader(cfg))
-    scheduler = Scheduler(store, layout, publisher, cfg.base_models, bus, cfg.devices)
+    adapters = LocalAdapterStore(layout)
+    publisher = Publisher(adapters, store, cfg.max_lora_rank, _loader(cfg))
+    scheduler = Scheduler(
+        store,
+        layout,
+        publisher,
+        cfg.base_models,
+        bus,
+        cfg.devices,
+        keep_checkpoints=cfg.keep_checkpoints,
+    )
+    meter = UsageMeter(store, adapters)
+    quotas = Quotas(cfg.max_queued_jobs, cfg.max_stored_bytes)
+    metrics.registry.register(UsageCollector(meter, lambda: [t.name for t in tenants.list()]))
     budget = MemoryBudget.detect(cfg.gpu_memory_budget)
     if cfg.gpu_memory_budget is not None and budget is None:
         log.warning("no GPU found: the memory budget of %s is not checked", cfg.gpu_memory_budget)
     jobs = Jobs(
-        store, scheduler, bus, cfg.base_models, cfg.max_lora_rank, budget, cfg.max_validations
+        store,
+        scheduler,
+        bus,
+        cfg.base_models,
+        cfg.max_lora_rank,
+        budget,
+        cfg.max_validations,
+        meter,
+        quotas,
     )
-    datasets = DatasetIngest(store, layout, cfg.max_upload_bytes, cfg.min_examples)
+    datasets = DatasetIngest(store, layout, cfg.max_upload_bytes, cfg.min_examples, meter, quotas)
 
     server = grpc.aio.server(
         interceptors=[
@@ -81,7 +103,7 @@ async def serve(
         ],
     )
     trainer_pb2_grpc.add_TrainerServicer_to_server(
-        TrainerServicer(auth, store, datasets, jobs, publisher), server
+        TrainerServicer(auth, store, datasets, jobs, publisher, meter, quotas), server
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -20,11 +20,14 @@ from finetune.v1 import trainer_pb2_grpc
 from trainer import errors
 from trainer.names import check_id, check_name
 from trainer.service import convert
+from trainer.service.archive import ArchiveDigest, members, tar_stream
 from trainer.service.auth import Authenticator
 from trainer.service.datasets import DatasetIngest
 from trainer.service.jobs import Jobs
-from trainer.service.publish import Publisher
-from trainer.service.store import Store
+from trainer.service.pages import page
+from trainer.service.publish import Publisher, check_version
+from trainer.service.store import JobKind, JobState, Store
+from trainer.service.usage import Quotas, UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ STATUS = {
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
@@ -92,12 +96,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         datasets: DatasetIngest,
         jobs: Jobs,
         publisher: Publisher,
+        meter: UsageMeter,
+        quotas: Quotas,
     ) -> None:
         self.auth = auth
         self.store = store
         self.datasets = datasets
         self.jobs = jobs
         self.publisher = publisher
+        self.meter = meter
+        self.quotas = quotas
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         return self.auth.tenant(context.invocation_metadata())
@@ -120,6 +128,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             _chunks(request_iterator),
             size_bytes=h.size_bytes if h.HasField("size_bytes") else None,
             sha256=h.sha256 if h.HasField("sha256") else None,
+            request_id=h.request_id,
         )
         return convert.dataset(rec)
 
@@ -135,8 +144,15 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         self, request: pb.ListDatasetsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDatasetsResponse:
         tenant = self._tenant(context)
-        recs = self.store.list_datasets(tenant)
-        return pb.ListDatasetsResponse(datasets=[convert.dataset(r) for r in recs])
+        recs, token = page(
+            self.store.list_datasets(tenant),
+            lambda r: [-r.created_at, r.id],
+            request.page_size,
+            request.page_token,
+        )
+        return pb.ListDatasetsResponse(
+            datasets=[convert.dataset(r) for r in recs], next_page_token=token
+        )
 
     @_rpc
     async def DeleteDataset(
@@ -178,6 +194,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                 request.validation_dataset_id,
                 request.eval_fraction if request.HasField("eval_fraction") else None,
             ),
+            request_id=request.request_id,
         )
         return convert.job(rec)
 
@@ -189,8 +206,15 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
     async def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListJobsResponse:
-        recs = self.jobs.list(self._tenant(context))
-        return pb.ListJobsResponse(jobs=[convert.job(r) for r in recs])
+        states = convert.job_states(request.states)
+        recs, token = page(
+            self.jobs.list(self._tenant(context), states, request.adapter_name),
+            lambda r: [-r.created_at, r.id],
+            request.page_size,
+            request.page_token,
+            filters=[sorted(s.value for s in states), request.adapter_name],
+        )
+        return pb.ListJobsResponse(jobs=[convert.job(r) for r in recs], next_page_token=token)
 
     @_rpc
     async def CancelJob(
@@ -210,8 +234,15 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
     async def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAdaptersResponse:
-        recs = self.store.list_adapters(self._tenant(context))
-        return pb.ListAdaptersResponse(adapters=[convert.adapter(r) for r in recs])
+        views, token = page(
+            self.publisher.views(self._tenant(context)),
+            lambda v: [v.served.name],
+            request.page_size,
+            request.page_token,
+        )
+        return pb.ListAdaptersResponse(
+            adapters=[convert.adapter(v) for v in views], next_page_token=token
+        )
 
     @_rpc
     async def DeleteAdapter(
@@ -220,3 +251,101 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         tenant = self._tenant(context)
         await self.publisher.delete(tenant, check_name(request.name, "name"))
         return pb.DeleteAdapterResponse()
+
+    @_rpc
+    async def ListAdapterVersions(
+        self, request: pb.ListAdapterVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAdapterVersionsResponse:
+        tenant = self._tenant(context)
+        views, token = page(
+            self.publisher.versions(tenant, check_name(request.name, "name")),
+            lambda v: [-int(v.record.version[1:])],
+            request.page_size,
+            request.page_token,
+            filters=request.name,
+        )
+        return pb.ListAdapterVersionsResponse(
+            versions=[convert.adapter_version(v) for v in views], next_page_token=token
+        )
+
+    @_rpc
+    async def SetServedVersion(
+        self, request: pb.SetServedVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Adapter:
+        tenant, name = self._tenant(context), check_name(request.name, "name")
+        if not self.store.list_adapter_versions(tenant, name):
+            raise errors.NotFound(f"adapter {name!r} not found")
+        await self.publisher.set_served(tenant, name, request.version or None)
+        view = next(v for v in self.publisher.views(tenant) if v.served.name == name)
+        return convert.adapter(view)
+
+    @_rpc
+    async def DeleteAdapterVersion(
+        self, request: pb.DeleteAdapterVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteAdapterVersionResponse:
+        tenant, name = self._tenant(context), check_name(request.name, "name")
+        if not self.store.list_adapter_versions(tenant, name):
+            raise errors.NotFound(f"adapter {name!r} not found")
+        await self.publisher.delete_version(tenant, name, request.version)
+        return pb.DeleteAdapterVersionResponse()
+
+    @_rpc
+    async def Download(
+        self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DownloadResponse]:
+        tenant = self._tenant(context)
+        match request.WhichOneof("target"):
+            case "adapter":
+                name, _, asked = request.adapter.partition("@")
+                check_name(name, "adapter")
+                adapters = self.publisher.adapters
+                version = check_version(asked) if asked else adapters.current(tenant, name)
+                folder = adapters.fetch(tenant, name, version) if version else None
+                if folder is None:
+                    raise errors.NotFound(f"adapter: {request.adapter!r} not found")
+                title = f"{name}-{version}"
+            case "export_job_id":
+                job = self.jobs.get(tenant, check_id(request.export_job_id, "export_job_id"))
+                folder = self.jobs.scheduler.layout.export_dir(tenant, job.id)
+                if job.kind != JobKind.MERGE_EXPORT or job.state != JobState.SUCCEEDED:
+                    raise errors.FailedPrecondition(
+                        f"export_job_id: job {job.id} is not a SUCCEEDED merged export"
+                    )
+                if not folder.is_dir():
+                    raise errors.NotFound(f"export_job_id: the export of {job.id} was deleted")
+                title = f"{job.adapter_name}-{job.adapter_version}-merged"
+            case _:
+                raise errors.InvalidArgument("adapter", "name an adapter, or give an export_job_id")
+        files = members(folder)
+        yield pb.DownloadResponse(
+            header=pb.DownloadHeader(name=title, format="tar", files=[f.name for f in files])
+        )
+        digest = ArchiveDigest()
+        async for chunk in tar_stream(files, digest):
+            yield pb.DownloadResponse(chunk=chunk)
+        yield pb.DownloadResponse(
+            trailer=pb.DownloadTrailer(size_bytes=digest.size_bytes, sha256=digest.sha256)
+        )
+
+    @_rpc
+    async def ExportMergedModel(
+        self, request: pb.ExportMergedModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Job:
+        tenant = self._tenant(context)
+        return convert.job(await self.jobs.export(tenant, request.adapter, request.request_id))
+
+    @_rpc
+    async def DeleteExport(
+        self, request: pb.DeleteExportRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteExportResponse:
+        tenant = self._tenant(context)
+        await self.jobs.delete_export(tenant, check_id(request.job_id, "job_id"))
+        return pb.DeleteExportResponse()
+
+    # ------------------------------------------------------------ usage
+    @_rpc
+    async def GetUsage(
+        self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Usage:
+        tenant = self._tenant(context)
+        return convert.usage(self.meter.usage(tenant), self.quotas)

@@ -47,6 +47,11 @@ class JobState(StrEnum):
         return self in (JobState.VALIDATING, JobState.RUNNING)
 
 
+class JobKind(StrEnum):
+    FINE_TUNE = "FINE_TUNE"  # QLoRA on a dataset, published as an adapter version
+    MERGE_EXPORT = "MERGE_EXPORT"  # a version merged into the bf16 base (trainer.training.export)
+
+
 class ErrorKind(StrEnum):
     NONE = ""
     USER = "USER"
@@ -64,6 +69,7 @@ class DatasetRecord:
     format: str
     created_at: float
     file_type: str = "jsonl"
+    request_id: str = ""  # the client's, for retries (AIP-155); "" when none was given
 
 
 @dataclass
@@ -89,6 +95,10 @@ class JobRecord:
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    kind: JobKind = JobKind.FINE_TUNE
+    request_id: str = ""  # the client's, for retries (AIP-155); "" when none was given
+    # MERGE_EXPORT: ``adapter_version`` is the version merged; this the export's bytes.
+    export_size_bytes: int = 0
 
 
 @dataclass
@@ -122,17 +132,25 @@ EventListener = Callable[[EventRecord], None]
 class Store(Protocol):
     """What the service needs from its store (SQLite today, PostgreSQL later)."""
 
-    def add_dataset(self, rec: DatasetRecord) -> None: ...
+    def add_dataset(self, rec: DatasetRecord) -> DatasetRecord:
+        """Store ``rec``; the record stored earlier under its ``request_id``, if any, instead
+        (one transaction). A name held by another dataset is ``AlreadyExists``."""
+        ...
+
     def get_dataset(self, tenant: str, dataset_id: str) -> DatasetRecord | None: ...
     def find_dataset_by_name(self, tenant: str, name: str) -> DatasetRecord | None: ...
+    def find_dataset_by_request(self, tenant: str, request_id: str) -> DatasetRecord | None: ...
     def list_datasets(self, tenant: str) -> list[DatasetRecord]: ...
     def delete_dataset(self, tenant: str, dataset_id: str) -> bool: ...
     def sha256_in_use(self, sha256: str) -> bool: ...
-    def add_job(self, rec: JobRecord) -> None:
-        """Queue ``rec``, refused (``AlreadyExists``) while a job for the same adapter name
-        (case folded) is active, or if the tenant has an adapter of that name in another
-        case: checked and inserted in one transaction."""
+    def add_job(self, rec: JobRecord) -> JobRecord:
+        """Queue ``rec`` and return it; or the job stored earlier under its ``request_id``,
+        if any. A FINE_TUNE job is refused (``AlreadyExists``) while another FINE_TUNE job
+        for the same adapter name (case folded) is active, or if the tenant has an adapter
+        of that name in another case: checked and inserted in one transaction."""
         ...
+
+    def find_job_by_request(self, tenant: str, request_id: str) -> JobRecord | None: ...
 
     def claim_next(self) -> JobRecord | None:
         """Take the next queued job, in one transaction, as VALIDATING: FIFO within a
@@ -141,7 +159,13 @@ class Store(Protocol):
         ...
 
     def get_job(self, tenant: str | None, job_id: str) -> JobRecord | None: ...
-    def list_jobs(self, tenant: str) -> list[JobRecord]: ...
+    def list_jobs(
+        self, tenant: str, states: tuple[JobState, ...] = (), adapter_name: str | None = None
+    ) -> list[JobRecord]:
+        """The tenant's jobs, newest first: those in any of ``states`` (all if empty), for
+        ``adapter_name`` (any if None)."""
+        ...
+
     def jobs_in_states(self, *states: JobState) -> list[JobRecord]: ...
     def update_job(self, job_id: str, **fields: Any) -> None: ...
     def append_event(
@@ -157,7 +181,12 @@ class Store(Protocol):
     def events_after(self, job_id: str, seq: int) -> list[EventRecord]: ...
     def add_adapter(self, rec: AdapterRecord) -> None: ...
     def list_adapters(self, tenant: str) -> list[AdapterRecord]: ...
+    def list_adapter_versions(self, tenant: str, name: str) -> list[AdapterRecord]:
+        """Every version of one adapter, newest first."""
+        ...
+
     def delete_adapter(self, tenant: str, name: str) -> bool: ...
+    def delete_adapter_version(self, tenant: str, name: str, version: str) -> bool: ...
 
 
 _SCHEMA = """
@@ -189,7 +218,19 @@ _MIGRATIONS = (
     ("jobs", "validation_sha256", "TEXT NOT NULL DEFAULT ''"),
     ("jobs", "eval_fraction", "REAL NOT NULL DEFAULT 0"),
     ("jobs", "report", "TEXT"),
+    ("datasets", "request_id", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "kind", "TEXT NOT NULL DEFAULT 'FINE_TUNE'"),
+    ("jobs", "request_id", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "export_size_bytes", "INTEGER NOT NULL DEFAULT 0"),
 )
+
+# Made after the migrations, on the columns they add.
+_INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS datasets_by_request ON datasets (tenant, request_id)
+    WHERE request_id != '';
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_request ON jobs (tenant, request_id)
+    WHERE request_id != '';
+"""
 
 _JSON_FIELDS = {"config", "progress", "metrics", "report"}
 
@@ -228,6 +269,7 @@ class SqliteStore:
             have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        self._db.executescript(_INDEXES)
 
     def close(self) -> None:
         self._db.close()
@@ -264,14 +306,23 @@ class SqliteStore:
             format=r["format"],
             created_at=r["created_at"],
             file_type=r["file_type"],
+            request_id=r["request_id"],
         )
 
-    def add_dataset(self, rec: DatasetRecord) -> None:
+    def add_dataset(self, rec: DatasetRecord) -> DatasetRecord:
         try:
             with self._tx() as db:
+                if rec.request_id:
+                    rows = db.execute(
+                        "SELECT * FROM datasets WHERE tenant=? AND request_id=?",
+                        (rec.tenant, rec.request_id),
+                    ).fetchall()
+                    if rows:
+                        return self._dataset(rows[0])
                 db.execute(
                     "INSERT INTO datasets (id, tenant, name, name_fold, sha256, size_bytes, "
-                    "num_rows, format, created_at, file_type) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    "num_rows, format, created_at, file_type, request_id) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         rec.id,
                         rec.tenant,
@@ -283,10 +334,12 @@ class SqliteStore:
                         rec.format,
                         rec.created_at,
                         rec.file_type,
+                        rec.request_id,
                     ),
                 )
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"header.name: dataset {rec.name!r} exists") from None
+        return rec
 
     def get_dataset(self, tenant: str, dataset_id: str) -> DatasetRecord | None:
         rows = self._rows("SELECT * FROM datasets WHERE tenant=? AND id=?", tenant, dataset_id)
@@ -295,6 +348,12 @@ class SqliteStore:
     def find_dataset_by_name(self, tenant: str, name: str) -> DatasetRecord | None:
         rows = self._rows(
             "SELECT * FROM datasets WHERE tenant=? AND name_fold=?", tenant, name.lower()
+        )
+        return self._dataset(rows[0]) if rows else None
+
+    def find_dataset_by_request(self, tenant: str, request_id: str) -> DatasetRecord | None:
+        rows = self._rows(
+            "SELECT * FROM datasets WHERE tenant=? AND request_id=?", tenant, request_id
         )
         return self._dataset(rows[0]) if rows else None
 
@@ -332,35 +391,25 @@ class SqliteStore:
             d[k] = json.loads(d[k]) if d[k] is not None else None
         d["state"] = JobState(d["state"])
         d["error_kind"] = ErrorKind(d["error_kind"])
+        d["kind"] = JobKind(d["kind"])
         return JobRecord(**d)
 
-    def add_job(self, rec: JobRecord) -> None:
-        active = [st.value for st in JobState if not st.terminal]
-        marks = ",".join("?" * len(active))
+    def add_job(self, rec: JobRecord) -> JobRecord:
         with self._tx() as db:
-            for job_id, name, state in db.execute(
-                f"SELECT id, adapter_name, state FROM jobs WHERE tenant=? AND state IN ({marks})",
-                (rec.tenant, *active),
-            ):
-                if fold(name) == fold(rec.adapter_name):
-                    raise AlreadyExists(
-                        f"adapter_name: job {job_id} for adapter {name!r} is {state}; "
-                        "wait for it or cancel it"
-                    )
-            # Served names differ by more than case: 'Secret' beside 'secret' would share a
-            # folder on a case-insensitive volume.
-            for (name,) in db.execute(
-                "SELECT DISTINCT name FROM adapters WHERE tenant=?", (rec.tenant,)
-            ):
-                if fold(name) == fold(rec.adapter_name) and name != rec.adapter_name:
-                    raise AlreadyExists(
-                        f"adapter_name: adapter {name!r} exists; names must differ by more "
-                        "than case"
-                    )
+            if rec.request_id:
+                rows = db.execute(
+                    "SELECT * FROM jobs WHERE tenant=? AND request_id=?",
+                    (rec.tenant, rec.request_id),
+                ).fetchall()
+                if rows:
+                    return self._job(rows[0])
+            if rec.kind == JobKind.FINE_TUNE:
+                self._check_adapter_name(db, rec)
             db.execute(
                 "INSERT INTO jobs (id, tenant, base_model, dataset_id, dataset_sha256, "
                 "adapter_name, config, state, created_at, validation_dataset_id, "
-                "validation_sha256, eval_fraction) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "validation_sha256, eval_fraction, kind, request_id, adapter_version) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     rec.id,
                     rec.tenant,
@@ -374,8 +423,40 @@ class SqliteStore:
                     rec.validation_dataset_id,
                     rec.validation_sha256,
                     rec.eval_fraction,
+                    rec.kind.value,
+                    rec.request_id,
+                    rec.adapter_version,
                 ),
             )
+        return rec
+
+    @staticmethod
+    def _check_adapter_name(db: sqlite3.Connection, rec: JobRecord) -> None:
+        active = [st.value for st in JobState if not st.terminal]
+        marks = ",".join("?" * len(active))
+        for job_id, name, state in db.execute(
+            f"SELECT id, adapter_name, state FROM jobs WHERE tenant=? AND kind=? "
+            f"AND state IN ({marks})",
+            (rec.tenant, JobKind.FINE_TUNE.value, *active),
+        ):
+            if fold(name) == fold(rec.adapter_name):
+                raise AlreadyExists(
+                    f"adapter_name: job {job_id} for adapter {name!r} is {state}; "
+                    "wait for it or cancel it"
+                )
+        # Served names differ by more than case: 'Secret' beside 'secret' would share a
+        # folder on a case-insensitive volume.
+        for (name,) in db.execute(
+            "SELECT DISTINCT name FROM adapters WHERE tenant=?", (rec.tenant,)
+        ):
+            if fold(name) == fold(rec.adapter_name) and name != rec.adapter_name:
+                raise AlreadyExists(
+                    f"adapter_name: adapter {name!r} exists; names must differ by more than case"
+                )
+
+    def find_job_by_request(self, tenant: str, request_id: str) -> JobRecord | None:
+        rows = self._rows("SELECT * FROM jobs WHERE tenant=? AND request_id=?", tenant, request_id)
+        return self._job(rows[0]) if rows else None
 
     def claim_next(self) -> JobRecord | None:
         queued = JobState.QUEUED.value
@@ -415,8 +496,19 @@ class SqliteStore:
             rows = self._rows("SELECT * FROM jobs WHERE tenant=? AND id=?", tenant, job_id)
         return self._job(rows[0]) if rows else None
 
-    def list_jobs(self, tenant: str) -> list[JobRecord]:
-        rows = self._rows("SELECT * FROM jobs WHERE tenant=? ORDER BY created_at DESC, id", tenant)
+    def list_jobs(
+        self, tenant: str, states: tuple[JobState, ...] = (), adapter_name: str | None = None
+    ) -> list[JobRecord]:
+        where, args = ["tenant=?"], [tenant]
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += [s.value for s in states]
+        if adapter_name is not None:
+            where.append("adapter_name=?")
+            args.append(adapter_name)
+        rows = self._rows(
+            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY created_at DESC, id", *args
+        )
         return [self._job(r) for r in rows]
 
     def jobs_in_states(self, *states: JobState) -> list[JobRecord]:
@@ -482,13 +574,31 @@ class SqliteStore:
         """The newest version of each of the tenant's adapter names."""
         rows = self._rows(
             "SELECT * FROM adapters a WHERE tenant=? AND version = "
-            "(SELECT MAX(version) FROM adapters b WHERE b.tenant=a.tenant AND b.name=a.name) "
+            "(SELECT version FROM adapters b WHERE b.tenant=a.tenant AND b.name=a.name "
+            "ORDER BY LENGTH(version) DESC, version DESC LIMIT 1) "  # by number: v10000 last
             "ORDER BY name",
             tenant,
+        )
+        return [AdapterRecord(**dict(r)) for r in rows]
+
+    def list_adapter_versions(self, tenant: str, name: str) -> list[AdapterRecord]:
+        rows = self._rows(
+            "SELECT * FROM adapters WHERE tenant=? AND name=? "
+            "ORDER BY LENGTH(version) DESC, version DESC",
+            tenant,
+            name,
         )
         return [AdapterRecord(**dict(r)) for r in rows]
 
     def delete_adapter(self, tenant: str, name: str) -> bool:
         with self._tx() as db:
             cur = db.execute("DELETE FROM adapters WHERE tenant=? AND name=?", (tenant, name))
+            return cur.rowcount > 0
+
+    def delete_adapter_version(self, tenant: str, name: str, version: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM adapters WHERE tenant=? AND name=? AND version=?",
+                (tenant, name, version),
+            )
             return cur.rowcount > 0
