@@ -52,6 +52,7 @@ OPTIONAL_ENV = {
     "FINETUNE_LOG_FORMAT": "a default of text (json: one object a line)",
     "FINETUNE_MIN_EXAMPLES": "a default of 10",
     "FINETUNE_MAX_VALIDATIONS": "a default of 2 ValidateDataset calls per tenant at once",
+    "FINETUNE_JOB_STORE": "empty by default: SQLite in DATA; PostgreSQL for several hosts",
     "FINETUNE_MAX_QUEUED_JOBS": "a default of 20 unfinished jobs per tenant",
     "FINETUNE_MAX_STORED_BYTES": "a default of 100 GiB per tenant",
     "FINETUNE_KEEP_CHECKPOINTS": "off by default: checkpoints go once the adapter is published",

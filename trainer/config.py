@@ -237,6 +237,15 @@ class ServiceConfig:
             "env": "FINETUNE_DATA_DIR",
         },
     )
+    job_store: str = field(
+        default="",
+        metadata={
+            "help": "The job store: empty for SQLite in DATA (one host), or a PostgreSQL "
+            "URL (postgresql://USER@HOST:PORT/DB) shared by services on several hosts.",
+            "env": "FINETUNE_JOB_STORE",
+            "metavar": "URL",
+        },
+    )
     listen: str = field(
         default="127.0.0.1:50051",
         metadata={"help": "gRPC host:port (port 0 picks a free one).", "env": "FINETUNE_LISTEN"},
@@ -364,6 +373,8 @@ class ServiceConfig:
             raise ValueError(f"max_lora_rank {self.max_lora_rank} is not one of {VLLM_LORA_RANKS}")
         if self.min_examples < 1:
             raise ValueError(f"min_examples {self.min_examples} is not at least 1")
+        if self.job_store and not self.job_store.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"job_store {self.job_store!r} is not a postgresql:// URL")
         if self.max_queued_jobs < 0 or self.max_stored_bytes < 0:
             raise ValueError("max_queued_jobs and max_stored_bytes are at least 0 (0: no limit)")
         if self.max_validations < 1:

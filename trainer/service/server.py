@@ -24,7 +24,7 @@ from trainer.service.observe import JobObserver
 from trainer.service.publish import AdapterLoader, Publisher
 from trainer.service.scheduler import EventBus, Scheduler
 from trainer.service.servicer import STATUS, TrainerServicer
-from trainer.service.store import SqliteStore
+from trainer.service.store import SqliteStore, Store
 from trainer.service.usage import Quotas, UsageCollector, UsageMeter
 from trainer.service.wire import DecodeGuard
 from trainer.tenants import TenantRegistry
@@ -46,13 +46,22 @@ def _loader(cfg: ServiceConfig) -> AdapterLoader | None:
     return VllmAdmin(cfg.vllm_url, cfg.vllm_admin_key)
 
 
+def open_store(cfg: ServiceConfig, layout: Layout) -> Store:
+    """The job store ``cfg`` names: PostgreSQL at its URL, else SQLite on the volume."""
+    if cfg.job_store:
+        from trainer.service.pgstore import PostgresStore  # psycopg only when asked for
+
+        return PostgresStore(cfg.job_store)
+    return SqliteStore(layout.db)
+
+
 async def serve(
     cfg: ServiceConfig, ready: asyncio.Event | None = None, metrics_listen: str | None = None
 ) -> None:
     layout = Layout(cfg.data_dir).create()
     if swept := layout.sweep():  # half an upload or publish from a killed predecessor
         log.warning("removed %d unfinished upload(s)/publish(es): %s", len(swept), swept)
-    store = SqliteStore(layout.db)
+    store = open_store(cfg, layout)
     metrics = Metrics(store)
     # Job transitions are logged, curves recorded and ended jobs counted as events are stored.
     store.listen(JobObserver(store, layout, on_end=metrics.job_ended))

@@ -1,8 +1,8 @@
 """The job store: datasets, jobs, their events and published adapters, in SQLite (WAL).
 
-One implementation today behind the ``Store`` protocol; when the service grows
-onto several GPU hosts this moves to PostgreSQL (workers claiming jobs with
-``FOR UPDATE SKIP LOCKED``) without the rest of the service changing. What must hold
+``SqliteStore`` behind the ``Store`` protocol is the embedded default for one host;
+``trainer.service.pgstore.PostgresStore`` is the same on PostgreSQL (claims with
+``FOR UPDATE SKIP LOCKED``) for several, chosen by ``--job-store``. What must hold
 across processes is the store's to keep, each in one transaction: an adapter name has
 one active job (``add_job``), and the next job is claimed fairly (``claim_next``).
 Every query is scoped by tenant where the object has one, so a caller cannot
@@ -130,7 +130,10 @@ EventListener = Callable[[EventRecord], None]
 
 
 class Store(Protocol):
-    """What the service needs from its store (SQLite today, PostgreSQL later)."""
+    """What the service needs from its store: SQLite on one host (``SqliteStore``), or
+    PostgreSQL shared by several (``trainer.service.pgstore.PostgresStore``)."""
+
+    def close(self) -> None: ...
 
     def add_dataset(self, rec: DatasetRecord) -> DatasetRecord:
         """Store ``rec``; the record stored earlier under its ``request_id``, if any, instead
