@@ -1,5 +1,6 @@
 """What any adapter store must do (``trainer.adapter_store.AdapterStore``), checked on each
-implementation: the local volume today; object storage joins the list when it exists."""
+implementation: the local volume, and object storage (``trainer.object_store``) on a real
+S3 server (Ceph's radosgw, ``tests.radosgw``)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,25 @@ import pytest
 from trainer.adapter_store import AdapterStore, LocalAdapterStore
 from trainer.errors import FailedPrecondition, NotFound
 from trainer.layout import Layout
+from trainer.object_store import S3AdapterStore
 
-STORES: dict[str, Callable[[Path], AdapterStore]] = {
-    "local": lambda tmp: LocalAdapterStore(Layout(tmp / "data").create()),
+pytest_plugins = ("tests.radosgw",)
+
+
+def _s3_store(request: pytest.FixtureRequest, tmp: Path) -> AdapterStore:
+    bucket = request.getfixturevalue("s3_bucket")  # only for the s3 cases: local needs no Ceph
+    return S3AdapterStore(
+        bucket.bucket,
+        cache_dir=tmp / "cache",
+        endpoint_url=bucket.endpoint,
+        access_key=bucket.access_key,
+        secret_key=bucket.secret_key,
+    )
+
+
+STORES: dict[str, Callable[[pytest.FixtureRequest, Path], AdapterStore]] = {
+    "local": lambda request, tmp: LocalAdapterStore(Layout(tmp / "data").create()),
+    "s3": _s3_store,
 }
 
 
@@ -27,7 +44,7 @@ def _adapter(folder: Path, weights: bytes) -> Path:
 
 @pytest.fixture(params=sorted(STORES))
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> AdapterStore:
-    return STORES[request.param](tmp_path)
+    return STORES[request.param](request, tmp_path)
 
 
 def test_versions_are_whole_immutable_and_current_moves_last(
