@@ -176,7 +176,7 @@ pid file = {d}/run/$name.pid
 mon data = {d}/mon/$cluster-$id
 osd data = {d}/osd/$cluster-$id
 [client]
-rgw frontends = beast endpoint=127.0.0.1:{self.port}
+rgw frontends = beast endpoint=127.0.0.1:{self.port} tcp_nodelay=1
 rgw data = {d}/rgw
 """
         )

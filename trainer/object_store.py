@@ -249,6 +249,7 @@ class S3AdapterStore:
         return sum(o["Size"] for o in self._list(prefix) if o["Key"] != prefix + CLAIM)
 
     def remove_version(self, tenant: str, adapter: str, version: str) -> None:
+        prefix = self._key(tenant, adapter, version) + "/"
         held, _, keys = self._scan(tenant, adapter)
         if version not in held:
             raise NotFound(f"version: {adapter!r} has no version {version!r}")
@@ -257,7 +258,6 @@ class S3AdapterStore:
                 f"version: {version} is the one {tenant}/{adapter} serves; pin another "
                 "version first, or delete the adapter"
             )
-        prefix = self._key(tenant, adapter, version) + "/"
         self._delete([prefix + MANIFEST])  # gone for readers at once
         # The claim stays: the number is never taken again (caches key on it).
         self._delete([k for k in keys if k.startswith(prefix) and k[len(prefix) :] != CLAIM])
