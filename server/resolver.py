@@ -1,4 +1,7 @@
-"""The LoRA resolver plugin: vLLM loads ``<tenant>/<adapter>`` from the shared volume on first use.
+"""The LoRA resolver plugin: vLLM loads ``<tenant>/<adapter>`` from the adapter store on first use.
+
+The store is the shared volume, or object storage (``FINETUNE_ADAPTER_STORE``, an
+``s3://`` URL) whose versions are fetched into ``DATA/adapter-cache`` and loaded from there.
 
 ``<tenant>/<adapter>@<version>`` (``A/x@v0002``) loads that version, beside the current
 one and under its own name and id, for side-by-side comparison (``server.adapters``).
@@ -22,13 +25,13 @@ import logging
 import os
 from pathlib import Path
 
+from vllm.exceptions import RetryableRequestError
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
 from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, amx, lora_cpu_fix, orphans
-from server.adapters import find
-from trainer.adapter_store import LocalAdapterStore
-from trainer.layout import Layout
+from server.adapters import ENV_ADAPTER_STORE, find, open_store
+from trainer.errors import Unavailable
 
 # Under "vllm.": these run inside vLLM, whose logging setup then shows our lines too.
 log = logging.getLogger("vllm.finetune.resolver")
@@ -42,8 +45,8 @@ class FinetuneResolver(LoRAResolver):
     """Resolves ``<tenant>/<adapter>`` to its current published version and
     ``<tenant>/<adapter>@<version>`` to that version."""
 
-    def __init__(self, data_dir: Path, base_names: list[str]) -> None:
-        self.adapters = LocalAdapterStore(Layout(Path(data_dir)))
+    def __init__(self, data_dir: Path, base_names: list[str], adapter_store: str = "") -> None:
+        self.adapters = open_store(Path(data_dir), adapter_store)
         self.base_names = [b for b in base_names if b]
 
     def lookup(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
@@ -61,8 +64,14 @@ class FinetuneResolver(LoRAResolver):
         )
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
-        # A few stats and one small read; off the event loop in case DATA is a slow mount.
-        request = await asyncio.to_thread(self.lookup, base_model_name, lora_name)
+        # A few stats and reads, or a download from object storage: off the event loop.
+        try:
+            request = await asyncio.to_thread(self.lookup, base_model_name, lora_name)
+        except Unavailable as e:
+            # Not "does not exist" (404): the client may retry (503). The reason names the
+            # storage's endpoint and keys, so it goes to the log, not to the tenant.
+            log.error("cannot resolve %s: %s", lora_name, e)
+            raise RetryableRequestError("adapter storage did not answer; retry later") from e
         if request is not None:
             log.info("resolved %s -> %s", lora_name, request.lora_path)
         return request
@@ -94,4 +103,6 @@ def register() -> None:
         if os.environ.get(name):
             log.warning("%s is set: vLLM's own resolver is active beside ours", name)
     bases = [os.environ.get(ENV_BASE_MODEL, ""), os.environ.get(ENV_MODEL_PATH, "")]
-    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, FinetuneResolver(Path(data_dir), bases))
+    store = os.environ.get(ENV_ADAPTER_STORE, "")
+    resolver = FinetuneResolver(Path(data_dir), bases, store)
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, resolver)

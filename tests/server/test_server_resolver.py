@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -15,7 +16,12 @@ from server.adapters import find, list_published, stable_lora_id
 from trainer.adapter_store import LocalAdapterStore
 from trainer.layout import CURRENT, Layout, write_atomic
 
+if TYPE_CHECKING:
+    from tests.radosgw import RadosGateway, S3Bucket
+
 BASES = ["tiny", "/models/tiny"]
+
+pytest_plugins = ("tests.radosgw",)  # a real S3 server, started only by the test that asks
 
 
 def _fake_adapter(layout: Layout, tenant: str, name: str, version: str = "v0001", **cfg) -> Path:
@@ -225,5 +231,75 @@ def test_plugin_registers_only_with_a_data_dir(
         assert pinned.lora_int_id == stable_lora_id("A", "x", "v0001", explicit=True)
         assert pinned.lora_int_id != request.lora_int_id
         assert asyncio.run(resolver.resolve_lora("/models/tiny", "A/x@v0002")) is None
+    finally:
+        LoRAResolverRegistry.resolvers.pop(RESOLVER_NAME, None)
+
+
+def test_the_plugin_serves_an_adapter_published_into_s3(
+    radosgw: RadosGateway, s3_bucket: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--adapter-store s3://...`` reaches the plugin through the launcher's environment;
+    the plugin fetches the current version into the data directory's cache and hands vLLM
+    that folder; storage down is a retryable 503, not "does not exist"."""
+    from vllm.exceptions import RetryableRequestError
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    from server.adapters import CACHE_DIR
+    from server.launcher import ServerConfig, build_env
+    from server.resolver import RESOLVER_NAME, register
+    from trainer.object_store import S3AdapterStore
+
+    gateway, bucket = radosgw, s3_bucket
+    src = tmp_path / "trained"
+    src.mkdir()
+    config = {"peft_type": "LORA", "base_model_name_or_path": "tiny", "r": 8}
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    (src / "adapter_model.safetensors").write_bytes(b"weights" * 1000)
+    publisher = S3AdapterStore(
+        bucket.bucket,
+        cache_dir=tmp_path / "trainer-cache",
+        prefix="adapters",
+        endpoint_url=bucket.endpoint,
+        access_key=bucket.access_key,
+        secret_key=bucket.secret_key,
+    )
+    publisher.publish("A", "x", src, {"job_id": "job-1"})
+    publisher.publish("A", "x", src, {"job_id": "job-2"})
+
+    data = Layout(tmp_path / "serving-data").create()  # another host's: no adapters on it
+    cfg = ServerConfig(model="/models/tiny", data_dir=data.root, served_model_name="tiny",
+                       adapter_store=f"s3://{bucket.bucket}/adapters")  # fmt: skip
+    base_env = {
+        "FINETUNE_S3_ENDPOINT_URL": bucket.endpoint,
+        "AWS_ACCESS_KEY_ID": bucket.access_key,
+        "AWS_SECRET_ACCESS_KEY": bucket.secret_key,
+    }
+    for name, value in build_env(cfg, base_env).items():
+        if name.startswith(("FINETUNE_", "AWS_")):
+            monkeypatch.setenv(name, value)
+    LoRAResolverRegistry.resolvers.pop(RESOLVER_NAME, None)
+    register()
+    try:
+        resolver = LoRAResolverRegistry.get_resolver(RESOLVER_NAME)
+        lora = asyncio.run(resolver.resolve_lora("/models/tiny", "A/x"))
+        cached = data.root / CACHE_DIR / "A" / "x" / "v0002"
+        assert lora is not None and lora.lora_name == "A/x"
+        assert lora.lora_path == str(cached)
+        assert lora.lora_int_id == stable_lora_id("A", "x", "v0002")
+        assert (cached / "adapter_model.safetensors").read_bytes() == b"weights" * 1000
+        assert json.loads((cached / "adapter_config.json").read_text()) == config
+        old = asyncio.run(resolver.resolve_lora("/models/tiny", "A/x@v0001"))
+        assert old is not None and old.lora_path == str(cached.with_name("v0001"))
+        for missing in ("A/y", "B/x", "A/x@v0003", "../A/x"):
+            assert asyncio.run(resolver.resolve_lora("/models/tiny", missing)) is None
+        gateway.stop_gateway()
+        try:
+            with pytest.raises(RetryableRequestError, match="retry later") as down:
+                asyncio.run(resolver.resolve_lora("/models/tiny", "A/x"))
+            assert bucket.endpoint not in str(down.value)  # the reason is logged, not shown
+        finally:
+            gateway.start_gateway()
+        again = asyncio.run(resolver.resolve_lora("/models/tiny", "A/x"))
+        assert again is not None and again.lora_path == lora.lora_path
     finally:
         LoRAResolverRegistry.resolvers.pop(RESOLVER_NAME, None)
