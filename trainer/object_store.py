@@ -159,7 +159,13 @@ class S3AdapterStore:
     def _delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[i : i + 1000]]
-            self._call("delete_objects", keys[i], Delete={"Objects": batch, "Quiet": True})
+            done = self._call("delete_objects", keys[i], Delete={"Objects": batch, "Quiet": True})
+            if failed := (done or {}).get("Errors"):  # a batch answers per key
+                first = failed[0]
+                raise Unavailable(
+                    f"object storage at {self.endpoint} kept {len(failed)} of the objects to "
+                    f"delete, e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message')}"
+                )
 
     def _scan(self, tenant: str, adapter: str) -> tuple[list[str], int, list[str]]:
         """Whole versions (oldest first), the highest number taken, and every key."""
