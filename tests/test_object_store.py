@@ -6,7 +6,9 @@ every store shares are in ``tests/test_adapter_store.py``."""
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -185,6 +187,19 @@ def test_fetch_is_atomic_verified_and_reused(
     calls: list[str] = []
     monkeypatch.setattr(store, "_download", lambda k, d, s: calls.append(k))
     assert store.fetch("acme", "bot", "v0001") == folder and calls == []
+
+
+def test_downloads_a_killed_process_left_are_swept_once_old(
+    s3_bucket: S3Bucket, tmp_path: Path
+) -> None:
+    parent = tmp_path / "cache" / "acme" / "bot"
+    old, fresh = parent / "v0001.tmp-dead", parent / "v0001.tmp-busy"
+    for folder in (old, fresh):
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    _store(s3_bucket, tmp_path / "cache")
+    assert not old.exists() and fresh.exists()  # a fetch in flight elsewhere is left alone
 
 
 def test_a_name_published_again_never_serves_the_old_cached_copy(

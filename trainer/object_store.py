@@ -19,7 +19,8 @@ or not at all.
 ``fetch`` copies a version into a local cache (``<cache>/<tenant>/<adapter>/<version>``,
 downloaded beside it and renamed into place) for vLLM to read. The cached copy is reused
 while the store's manifest carries the same publish id (a name deleted and published again
-gets new ids, so an old copy is never served as the new one). Storage that does not answer
+gets new ids, so an old copy is never served as the new one); downloads a killed process
+left there are swept once an hour old. Storage that does not answer
 is ``Unavailable``, naming the endpoint and the operation.
 """
 
@@ -29,6 +30,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +94,17 @@ class S3AdapterStore:
                 response_checksum_validation="when_required",
             ),
         )
+        self._sweep_cache()
+
+    def _sweep_cache(self, older_than_s: float = 3600) -> None:
+        """Remove downloads a killed process left in the cache. Only old ones: another
+        process (vLLM's API server and engine share the cache) may be fetching now."""
+        cutoff = time.time() - older_than_s
+        for pattern in ("*/*/*.tmp-*", "*/*/*.deleted-*"):
+            for leftover in self.cache.glob(pattern):
+                with contextlib.suppress(OSError):
+                    if leftover.lstat().st_mtime < cutoff:
+                        shutil.rmtree(leftover, ignore_errors=True)
 
     # ------------------------------------------------------------------ keys and calls
     def _key(self, tenant: str, adapter: str, version: str = "", name: str = "") -> str:
