@@ -12,16 +12,17 @@ Every object of a version is created once (``If-None-Match: *``; the server refu
 second write), so a version never changes once named. The ``.claim`` decides a race: two
 publishers that chose the same number both try to create it, and the loser takes the next
 number before it wrote anything. A version without ``manifest.json`` (a publish that
-crashed) is never listed or served; its number stays taken. Pointers move last, as on
-the local volume. Deleting takes the manifest away first, so readers see a version whole
-or not at all.
+crashed) is never listed or served; its number stays taken, as does a removed version's
+(its claim is kept), so a number never names two versions. Pointers move last, as on the
+local volume. Deleting takes the manifest away first, so readers see a version whole or
+not at all.
 
 ``fetch`` copies a version into a local cache (``<cache>/<tenant>/<adapter>/<version>``,
 downloaded beside it and renamed into place) for vLLM to read. The cached copy is reused
 while the store's manifest carries the same publish id (a name deleted and published again
 gets new ids, so an old copy is never served as the new one); downloads a killed process
-left there are swept once an hour old. Storage that does not answer
-is ``Unavailable``, naming the endpoint and the operation.
+left there are swept once an hour old. Storage that does not answer is ``Unavailable``,
+naming the endpoint, the operation and the key.
 """
 
 from __future__ import annotations
