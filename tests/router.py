@@ -89,6 +89,12 @@ def find_haproxy() -> str | None:
     return os.environ.get("FINETUNE_HAPROXY") or shutil.which("haproxy")
 
 
+def find_vllm_router() -> str | None:
+    """``vllm-router`` beside this Python (a virtualenv not on PATH) or on PATH."""
+    beside = Path(sys.executable).parent / "vllm-router"
+    return str(beside) if beside.exists() else shutil.which("vllm-router")
+
+
 def require_haproxy() -> str:
     """HAProxy's binary, or a skip saying how to get it (a failure where CI requires it)."""
     found = find_haproxy()
@@ -208,8 +214,8 @@ class VllmRouter:
         return self.workdir / "vllm-router.log"
 
     def start(self, timeout: float = 60.0) -> VllmRouter:
-        binary = shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
-        if not Path(binary).exists():
+        binary = find_vllm_router()
+        if binary is None:
             raise RuntimeError("vllm-router is not installed: pip install vllm-router==0.1.17")
         self.port = self.port or free_port()
         cmd = [binary, "--host", "127.0.0.1", "--port", str(self.port),
