@@ -25,7 +25,7 @@ from pathlib import Path
 
 from trainer.adapter_store import AdapterStore
 from trainer.errors import InvalidArgument
-from trainer.layout import Layout
+from trainer.layout import ADAPTER_CACHE, Layout
 from trainer.names import ServedName, parse_served_name, split_served_name
 from trainer.object_store import adapter_store_from_url
 
@@ -37,7 +37,7 @@ _ID_MODULUS = 2**31 - 1
 
 ENV_ADAPTER_STORE = "FINETUNE_ADAPTER_STORE"
 """Where the trainer publishes: "" (the shared volume) or ``s3://bucket/prefix``."""
-CACHE_DIR = "adapter-cache"
+CACHE_DIR = ADAPTER_CACHE  # under DATA (``Layout.adapter_cache``)
 """Under the data directory: versions fetched from object storage, for vLLM to read."""
 
 
@@ -45,7 +45,8 @@ def open_store(data_dir: Path, url: str | None = None) -> AdapterStore:
     """The adapter store ``url`` (default: ``$FINETUNE_ADAPTER_STORE``) names, read from the
     data directory ``data_dir``: the volume itself, or object storage cached under it."""
     url = os.environ.get(ENV_ADAPTER_STORE, "") if url is None else url
-    return adapter_store_from_url(url, Layout(Path(data_dir)), Path(data_dir) / CACHE_DIR)
+    layout = Layout(Path(data_dir))
+    return adapter_store_from_url(url, layout, layout.adapter_cache)
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,7 @@ class ServerConfig:
         },
     )
     adapter_store: str = field(
-        default="",
+        default=ServiceConfig.adapter_store,  # the trainer's: both sides name one store
         metadata={
             "help": "Where the trainer publishes adapters: empty for the data directory, or "
             "s3://BUCKET/PREFIX (endpoint from FINETUNE_S3_ENDPOINT_URL or AWS_ENDPOINT_URL, "

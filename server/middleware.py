@@ -38,8 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, ENV_TENANTS_FILE
-from server.adapters import find, list_published
-from trainer.adapter_store import LocalAdapterStore
+from server.adapters import find, list_published, open_store
 from trainer.layout import Layout
 from trainer.names import ServedName, parse_served_name
 from trainer.tenants import Tenant, TenantRegistry
@@ -161,7 +160,7 @@ class TenantMiddleware:
             raise RuntimeError(f"TenantMiddleware needs {ENV_BASE_MODEL}")
         self.base_model: str = base
         self.registry = TenantRegistry(Path(tenants_file))
-        self.adapters = LocalAdapterStore(Layout(Path(data_dir))) if data_dir else None
+        self.adapters = open_store(Path(data_dir)) if data_dir else None
         self.max_body_bytes = max_body_bytes
         self._described = False
 

@@ -45,7 +45,10 @@ class FinetuneResolver(LoRAResolver):
     """Resolves ``<tenant>/<adapter>`` to its current published version and
     ``<tenant>/<adapter>@<version>`` to that version."""
 
-    def __init__(self, data_dir: Path, base_names: list[str], adapter_store: str = "") -> None:
+    def __init__(
+        self, data_dir: Path, base_names: list[str], adapter_store: str | None = None
+    ) -> None:
+        """``adapter_store``: a store URL, or None for the launcher's (its environment)."""
         self.adapters = open_store(Path(data_dir), adapter_store)
         self.base_names = [b for b in base_names if b]
 

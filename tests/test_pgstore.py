@@ -41,11 +41,11 @@ def _add(store: Any, tenant: str, n: int, created: float, name: str = "") -> str
 
 def _claim_all(dsn: str, worker: str, start: Any, out: Any) -> None:
     store = PostgresStore(dsn)
-    start.wait()
+    start.wait()  # every worker connected: on a busy machine a late one would miss the race
     claims = []
     while (job := store.claim_next(worker=worker, lease_s=60.0)) is not None:
         claims.append((job.id, job.tenant, job.started_at, job.attempt, job.worker))
-        time.sleep(0.01)  # starting the job
+        time.sleep(0.03)  # starting the job
     out.put(claims)
     store.close()
 
@@ -61,14 +61,13 @@ def test_workers_racing_claim_each_job_once_and_tenants_take_turns(
         _add(store, t, n, float(k * 10 + n)) for k, t in enumerate(tenants) for n in range(10)
     }
     ctx = multiprocessing.get_context("spawn")
-    start, out = ctx.Event(), ctx.Queue()
+    start, out = ctx.Barrier(workers), ctx.Queue()
     procs = [
         ctx.Process(target=_claim_all, args=(postgres_dsn, f"w{i}", start, out))
         for i in range(workers)
     ]
     for p in procs:
         p.start()
-    start.set()
     claims = [c for _ in procs for c in out.get(timeout=120)]
     for p in procs:
         p.join(60)

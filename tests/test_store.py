@@ -178,3 +178,33 @@ def test_a_full_disk_is_storage_full(where: str) -> None:
             store.append_event("job-acme-0", JobState.QUEUED, "x" * 4000)
     assert store.get_job(None, "job-acme-0") is not None
     store.close()
+
+
+def test_a_lapsed_lease_is_claimed_again_and_the_old_attempt_is_fenced_off(where: str) -> None:
+    """A worker that stops renewing (dead, or paused) loses its job to the next claim;
+    every write it makes after that, renewal included, is refused. Both engines."""
+    import time
+
+    store = open_store(where)
+    job_id = _job(store, "acme", 1, 1.0)
+    first = store.claim_next(worker="w1", lease_s=0.5)
+    assert first is not None and (first.id, first.attempt, first.worker) == (job_id, 1, "w1")
+    assert store.renew_lease(job_id, 1, 0.5)
+    assert store.claim_next(worker="w2", lease_s=30.0) is None  # held, not lapsed
+    time.sleep(0.7)
+    second = store.claim_next(worker="w2", lease_s=30.0)
+    assert second is not None and (second.id, second.attempt, second.worker) == (job_id, 2, "w2")
+    assert second.started_at == first.started_at  # the job's first start is kept
+    # The first attempt writes nothing any more; the second does.
+    assert not store.renew_lease(job_id, 1, 30.0)
+    assert not store.update_job_fenced(job_id, 1, state=JobState.FAILED)
+    assert store.append_event_fenced(job_id, 1, JobState.FAILED, "late") is None
+    assert store.update_job_fenced(job_id, 2, state=JobState.RUNNING)
+    ev = store.append_event_fenced(job_id, 2, JobState.RUNNING, "resumed")
+    assert ev is not None and [e.message for e in store.events_after(job_id, 0)] == ["resumed"]
+    # A job claimed without a lease never lapses.
+    other = _job(store, "bolt", 1, 2.0)
+    assert store.claim_next(worker="w3").id == other  # type: ignore[union-attr]
+    time.sleep(0.1)
+    assert store.claim_next(worker="w4", lease_s=1.0) is None
+    store.close()

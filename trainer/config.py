@@ -246,6 +246,33 @@ class ServiceConfig:
             "metavar": "URL",
         },
     )
+    worker_id: str = field(
+        default="",
+        metadata={
+            "help": "This service's name in the job store's claims: the same after a restart, "
+            "unique among the services sharing a store (default: the host's name).",
+            "env": "FINETUNE_WORKER_ID",
+        },
+    )
+    lease_seconds: float = field(
+        default=60.0,
+        metadata={
+            "help": "How long a claimed job stays this service's without a heartbeat (one "
+            "every third of it); then another service sharing the store takes it over, from "
+            "its newest checkpoint.",
+            "env": "FINETUNE_LEASE_SECONDS",
+        },
+    )
+    adapter_store: str = field(
+        default="",
+        metadata={
+            "help": "Where published adapters live: empty for DATA/adapters (one host), or "
+            "s3://BUCKET/PREFIX (endpoint from FINETUNE_S3_ENDPOINT_URL or AWS_ENDPOINT_URL, "
+            "credentials as boto3 reads them); vLLM's launcher takes the same setting.",
+            "env": "FINETUNE_ADAPTER_STORE",
+            "metavar": "URL",
+        },
+    )
     listen: str = field(
         default="127.0.0.1:50051",
         metadata={"help": "gRPC host:port (port 0 picks a free one).", "env": "FINETUNE_LISTEN"},
@@ -375,6 +402,8 @@ class ServiceConfig:
             raise ValueError(f"min_examples {self.min_examples} is not at least 1")
         if self.job_store and not self.job_store.startswith(("postgresql://", "postgres://")):
             raise ValueError(f"job_store {self.job_store!r} is not a postgresql:// URL")
+        if self.lease_seconds <= 0:
+            raise ValueError(f"lease_seconds {self.lease_seconds} is not positive")
         if self.max_queued_jobs < 0 or self.max_stored_bytes < 0:
             raise ValueError("max_queued_jobs and max_stored_bytes are at least 0 (0: no limit)")
         if self.max_validations < 1:

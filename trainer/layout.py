@@ -8,11 +8,13 @@
       datasets/<sha256>                  dataset files, content-addressed
       jobs/<job_id>/                     a job's folder (``JobFolder``): spec.json, worker.log,
                                          rows/, checkpoints/, output/, curves/
+      jobs/<job_id>/attempt-<n>/         a later attempt's own (``Layout.attempt``)
       adapters/<tenant>/<adapter>/<version>/   immutable published versions
       adapters/<tenant>/<adapter>/current      names the version served (the newest, or
                                                the pinned one)
       adapters/<tenant>/<adapter>/pinned       names the version pinned (SetServedVersion)
       adapters/.staging/                 publishing in progress (same filesystem)
+      adapter-cache/                     versions fetched from object storage, if it holds them
       exports/<tenant>/<job_id>/         merged models (MERGE_EXPORT jobs)
       exports/.staging/                  exports in progress
       tmp/                               uploads in progress
@@ -35,6 +37,7 @@ from trainer.names import check_id, check_name
 VERSION_RE = re.compile(r"v[0-9]{4,9}")
 CURRENT = "current"
 PINNED = "pinned"
+ADAPTER_CACHE = "adapter-cache"
 
 
 def fsync_dir(path: Path) -> None:
@@ -86,6 +89,11 @@ class Layout:
     @property
     def staging(self) -> Path:
         return self.adapters / ".staging"
+
+    @property
+    def adapter_cache(self) -> Path:
+        """Versions fetched from object storage (``trainer.object_store``), for vLLM."""
+        return self.root / ADAPTER_CACHE
 
     @property
     def exports(self) -> Path:
@@ -143,6 +151,26 @@ class Layout:
 
     def job(self, job_id: str) -> JobFolder:
         return JobFolder(self.job_dir(job_id))
+
+    def attempt(self, job_id: str, attempt: int) -> JobFolder:
+        """Where one attempt (one claim) of a job works: the job's folder for the first,
+        ``attempt-<n>/`` inside it for a later one, so a worker that lost its claim (a
+        paused host) never writes where the next attempt works."""
+        root = self.job_dir(job_id)
+        return JobFolder(root if attempt <= 1 else root / f"attempt-{attempt}")
+
+    def attempts(self, job_id: str) -> list[JobFolder]:
+        """Every attempt's folder of a job, the first first."""
+        root = self.job_dir(job_id)
+        later = [p for p in root.glob("attempt-*") if p.name.split("-")[1].isdigit()]
+        return [JobFolder(root)] + [
+            JobFolder(p) for p in sorted(later, key=lambda p: int(p.name.split("-")[1]))
+        ]
+
+    def resume_point(self, job_id: str) -> Path | None:
+        """The newest complete checkpoint any attempt of the job left, or None."""
+        found = [c for f in self.attempts(job_id) if (c := f.last_checkpoint()) is not None]
+        return max(found, key=lambda c: int(c.name.split("-")[1]), default=None)
 
     def export_dir(self, tenant: str, job_id: str) -> Path:
         return self.exports / check_name(tenant, "tenant") / check_id(job_id, "job_id")

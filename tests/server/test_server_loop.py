@@ -202,7 +202,7 @@ def test_pinning_an_earlier_version_rolls_back_in_vllm_and_unpinning_follows_the
         assert (unpinned.version, unpinned.pinned) == ("v0002", False)
         assert "mango" in _chat(world, keys.A, "A/secret")
     with world["svc"].client(keys.B) as b, pytest.raises(grpc.RpcError) as e:
-        b.set_served_version("secret", "v0001")  # B's own "secret" has one version
+        b.set_served_version("secret", "v0002")  # B's own "secret" has only v0001
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 

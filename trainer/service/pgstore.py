@@ -34,7 +34,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 import psycopg
@@ -65,16 +65,6 @@ class StoreUnavailable(Unavailable):
     """PostgreSQL cannot be reached, or the connection was lost during the call (a write
     in flight may or may not have been committed). Worth retrying later: the gRPC edge
     answers UNAVAILABLE with this reason."""
-
-
-@dataclass
-class ClaimedJob(JobRecord):
-    """A job as a claim hands it out: the worker holding it, until when, and the attempt
-    (fencing number) that the worker's ``renew_lease``/``update_job_fenced`` must carry."""
-
-    attempt: int = 0
-    worker: str = ""
-    lease_until: float | None = None
 
 
 # Byte order ("C"), as SQLite compares and sorts text, whatever the database's locale.
@@ -416,7 +406,7 @@ class PostgresStore:
         )
         return _job(rows[0]) if rows else None
 
-    def claim_next(self, worker: str = "", lease_s: float | None = None) -> ClaimedJob | None:
+    def claim_next(self, worker: str = "", lease_s: float | None = None) -> JobRecord | None:
         """Take the next job as VALIDATING, in one statement: a queued one, or one whose
         lease has run out. ``SqliteStore``'s order: FIFO within a tenant; across tenants,
         the one whose latest job started longest ago (or never) first. The job keeps its
@@ -424,15 +414,7 @@ class PostgresStore:
         until now + ``lease_s`` unless renewed; without, it never expires."""
         with self._conn() as db:
             row = db.execute(_CLAIM, {"worker": worker, "lease_s": lease_s}).fetchone()
-        if row is None:
-            return None
-        job = _job(row)
-        return ClaimedJob(
-            **vars(job),
-            attempt=row["attempt"],
-            worker=row["worker"],
-            lease_until=row["lease_until"],
-        )
+        return None if row is None else _job(row)
 
     def renew_lease(self, job_id: str, attempt: int, lease_s: float) -> bool:
         """Extend the lease of ``attempt`` to now + ``lease_s`` (a heartbeat). False when
@@ -478,10 +460,10 @@ class PostgresStore:
     def update_job(self, job_id: str, **fields: Any) -> None:
         self._update(job_id, None, fields)
 
-    def update_job_fenced(self, job_id: str, attempt: int, **fields: Any) -> bool:
-        """``update_job`` that writes only while ``attempt`` is still the job's; False
+    def update_job_fenced(self, job_id: str, fence: int, **fields: Any) -> bool:
+        """``update_job`` that writes only while ``fence`` is still the job's attempt; False
         (nothing written) once another claim has taken the job."""
-        return self._update(job_id, attempt, fields)
+        return self._update(job_id, fence, fields)
 
     def _update(self, job_id: str, attempt: int | None, fields: dict[str, Any]) -> bool:
         sets = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in fields)
@@ -497,7 +479,36 @@ class PostgresStore:
     def append_event(
         self, job_id: str, state: JobState, message: str, progress: dict | None = None
     ) -> EventRecord:
+        ev = self._append(job_id, None, state, message, progress)
+        assert ev is not None
+        return ev
+
+    def append_event_fenced(
+        self,
+        job_id: str,
+        attempt: int,
+        state: JobState,
+        message: str,
+        progress: dict | None = None,
+    ) -> EventRecord | None:
+        return self._append(job_id, attempt, state, message, progress)
+
+    def _append(
+        self,
+        job_id: str,
+        attempt: int | None,
+        state: JobState,
+        message: str,
+        progress: dict | None,
+    ) -> EventRecord | None:
         with self._tx() as db:
+            if attempt is not None:
+                # FOR SHARE: a claim's UPDATE of the job waits for this event to be stored.
+                held = db.execute(
+                    "SELECT attempt FROM jobs WHERE id=%s FOR SHARE", (job_id,)
+                ).fetchone()
+                if held is None or held["attempt"] != attempt:
+                    return None
             self._lock(db, "events", job_id)  # numbered one after another, whoever appends
             row = db.execute(
                 "INSERT INTO events (job_id, seq, time, state, message, progress) "

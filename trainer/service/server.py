@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -12,10 +13,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from finetune.v1 import trainer_pb2, trainer_pb2_grpc
-from trainer.adapter_store import LocalAdapterStore
 from trainer.config import ServiceConfig
 from trainer.layout import Layout
 from trainer.memory import MemoryBudget
+from trainer.object_store import adapter_store_from_url
 from trainer.service.auth import Authenticator
 from trainer.service.datasets import DatasetIngest
 from trainer.service.jobs import Jobs
@@ -69,7 +70,7 @@ async def serve(
     tenants = TenantRegistry(cfg.tenants_file)
     auth = Authenticator(tenants)
     bus = EventBus()
-    adapters = LocalAdapterStore(layout)
+    adapters = adapter_store_from_url(cfg.adapter_store, layout, layout.adapter_cache)
     publisher = Publisher(adapters, store, cfg.max_lora_rank, _loader(cfg))
     scheduler = Scheduler(
         store,
@@ -79,6 +80,8 @@ async def serve(
         bus,
         cfg.devices,
         keep_checkpoints=cfg.keep_checkpoints,
+        worker=cfg.worker_id or socket.gethostname(),
+        lease_s=cfg.lease_seconds,
     )
     meter = UsageMeter(store, adapters)
     quotas = Quotas(cfg.max_queued_jobs, cfg.max_stored_bytes)

@@ -99,6 +99,11 @@ class JobRecord:
     request_id: str = ""  # the client's, for retries (AIP-155); "" when none was given
     # MERGE_EXPORT: ``adapter_version`` is the version merged; this the export's bytes.
     export_size_bytes: int = 0
+    # The claim (``Store.claim_next``): each one adds 1 to ``attempt``, the fencing number
+    # that the claiming worker's writes carry; ``lease_until`` None: held until it ends.
+    attempt: int = 0
+    worker: str = ""
+    lease_until: float | None = None
 
 
 @dataclass
@@ -155,10 +160,35 @@ class Store(Protocol):
 
     def find_job_by_request(self, tenant: str, request_id: str) -> JobRecord | None: ...
 
-    def claim_next(self) -> JobRecord | None:
-        """Take the next queued job, in one transaction, as VALIDATING: FIFO within a
-        tenant; across tenants, the one whose latest job started longest ago (or never)
-        first. Its ``started_at`` is its first start (a resumed job keeps its own)."""
+    def claim_next(self, worker: str = "", lease_s: float | None = None) -> JobRecord | None:
+        """Take the next job, in one transaction, as VALIDATING: a queued one, or one held
+        under a lease that has run out (its worker died or stopped). FIFO within a tenant;
+        across tenants, the one whose latest job started longest ago (or never) first. Its
+        ``started_at`` is its first start (a resumed job keeps its own); ``attempt`` grows
+        by one; with ``lease_s`` the claim lapses unless renewed within that time."""
+        ...
+
+    def renew_lease(self, job_id: str, attempt: int, lease_s: float) -> bool:
+        """Extend ``attempt``'s lease to now + ``lease_s`` (a heartbeat); False when the job
+        is not that attempt's any more (claimed again since, cancelled, ended)."""
+        ...
+
+    def update_job_fenced(self, job_id: str, fence: int, **fields: Any) -> bool:
+        """``update_job`` only while ``fence`` is the job's attempt; False (nothing written)
+        once another claim (or a cancel) has taken the job from that attempt. ``fields`` may
+        set ``attempt`` itself (a cancel fences the running worker off that way)."""
+        ...
+
+    def append_event_fenced(
+        self,
+        job_id: str,
+        attempt: int,
+        state: JobState,
+        message: str,
+        progress: dict | None = None,
+    ) -> EventRecord | None:
+        """``append_event`` only while ``attempt`` is the job's; None (nothing stored)
+        otherwise."""
         ...
 
     def get_job(self, tenant: str | None, job_id: str) -> JobRecord | None: ...
@@ -225,6 +255,9 @@ _MIGRATIONS = (
     ("jobs", "kind", "TEXT NOT NULL DEFAULT 'FINE_TUNE'"),
     ("jobs", "request_id", "TEXT NOT NULL DEFAULT ''"),
     ("jobs", "export_size_bytes", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "attempt", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "worker", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "lease_until", "REAL"),
 )
 
 # Made after the migrations, on the columns they add.
@@ -236,6 +269,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_request ON jobs (tenant, request_id)
 """
 
 _JSON_FIELDS = {"config", "progress", "metrics", "report"}
+_HELD = (JobState.VALIDATING.value, JobState.RUNNING.value)
 
 
 @contextmanager
@@ -461,19 +495,22 @@ class SqliteStore:
         rows = self._rows("SELECT * FROM jobs WHERE tenant=? AND request_id=?", tenant, request_id)
         return self._job(rows[0]) if rows else None
 
-    def claim_next(self) -> JobRecord | None:
-        queued = JobState.QUEUED.value
+    def claim_next(self, worker: str = "", lease_s: float | None = None) -> JobRecord | None:
+        now = time.time()
+        # Queued, or held under a lease that has run out.
+        claimable = "(state=? OR (state IN (?,?) AND lease_until < ?))"
+        args = (JobState.QUEUED.value, JobState.VALIDATING.value, JobState.RUNNING.value, now)
         with self._tx() as db:
             rows = db.execute(
-                "SELECT * FROM jobs WHERE state=? ORDER BY created_at, id", (queued,)
+                f"SELECT * FROM jobs WHERE {claimable} ORDER BY created_at, id", args
             ).fetchall()
             if not rows:
                 return None
             last_start = dict(
                 db.execute(
                     "SELECT tenant, MAX(started_at) FROM jobs WHERE started_at IS NOT NULL "
-                    "AND tenant IN (SELECT tenant FROM jobs WHERE state=?) GROUP BY tenant",
-                    (queued,),
+                    f"AND tenant IN (SELECT tenant FROM jobs WHERE {claimable}) GROUP BY tenant",
+                    args,
                 ).fetchall()
             )
             first_of_tenant: dict[str, sqlite3.Row] = {}
@@ -485,12 +522,24 @@ class SqliteStore:
             )
             job = self._job(row)
             job.state = JobState.VALIDATING
-            job.started_at = job.started_at or time.time()
+            job.started_at = job.started_at or now
+            job.attempt += 1
+            job.worker = worker
+            job.lease_until = None if lease_s is None else now + lease_s
             db.execute(
-                "UPDATE jobs SET state=?, started_at=? WHERE id=?",
-                (job.state.value, job.started_at, job.id),
+                "UPDATE jobs SET state=?, started_at=?, attempt=?, worker=?, lease_until=? "
+                "WHERE id=?",
+                (job.state.value, job.started_at, job.attempt, worker, job.lease_until, job.id),
             )
         return job
+
+    def renew_lease(self, job_id: str, attempt: int, lease_s: float) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET lease_until=? WHERE id=? AND attempt=? AND state IN (?,?)",
+                (time.time() + lease_s, job_id, attempt, *_HELD),
+            )
+            return cur.rowcount == 1
 
     def get_job(self, tenant: str | None, job_id: str) -> JobRecord | None:
         if tenant is None:
@@ -523,19 +572,55 @@ class SqliteStore:
         return [self._job(r) for r in rows]
 
     def update_job(self, job_id: str, **fields: Any) -> None:
+        self._update(job_id, None, fields)
+
+    def update_job_fenced(self, job_id: str, fence: int, **fields: Any) -> bool:
+        return self._update(job_id, fence, fields)
+
+    def _update(self, job_id: str, fence: int | None, fields: dict[str, Any]) -> bool:
         cols, vals = [], []
         for k, v in fields.items():
             cols.append(f"{k}=?")
             vals.append(_dumps(v) if k in _JSON_FIELDS else getattr(v, "value", v))
+        where, args = ("", ()) if fence is None else (" AND attempt=?", (fence,))
         with self._tx() as db:
-            db.execute(f"UPDATE jobs SET {', '.join(cols)} WHERE id=?", (*vals, job_id))
+            cur = db.execute(
+                f"UPDATE jobs SET {', '.join(cols)} WHERE id=?{where}", (*vals, job_id, *args)
+            )
+            return cur.rowcount == 1
 
     # ------------------------------------------------------------ events
     def append_event(
         self, job_id: str, state: JobState, message: str, progress: dict | None = None
     ) -> EventRecord:
+        ev = self._append(job_id, None, state, message, progress)
+        assert ev is not None
+        return ev
+
+    def append_event_fenced(
+        self,
+        job_id: str,
+        attempt: int,
+        state: JobState,
+        message: str,
+        progress: dict | None = None,
+    ) -> EventRecord | None:
+        return self._append(job_id, attempt, state, message, progress)
+
+    def _append(
+        self,
+        job_id: str,
+        attempt: int | None,
+        state: JobState,
+        message: str,
+        progress: dict | None,
+    ) -> EventRecord | None:
         now = time.time()
         with self._tx() as db:
+            if attempt is not None:
+                row = db.execute("SELECT attempt FROM jobs WHERE id=?", (job_id,)).fetchone()
+                if row is None or row[0] != attempt:
+                    return None
             (seq,) = db.execute(
                 "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id=?", (job_id,)
             ).fetchone()
