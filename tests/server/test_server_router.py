@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -112,6 +113,18 @@ def _complete(c: Cluster, model: str, prompt: str, max_tokens: int = 4) -> str:
     return out.choices[0].text
 
 
+def _wait_running(server: VllmServer, admin_key: str, n: int, timeout: float = 60) -> None:
+    """Until ``server`` is generating ``n`` requests (vLLM's own gauge, read as an admin)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {admin_key}"})
+        m = re.search(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", r.text, re.M)
+        if m and float(m.group(1)) >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{server.url} never ran {n} requests at once")
+
+
 def test_each_adapter_stays_on_one_replica(cluster: Cluster) -> None:
     for model in ADAPTERS:
         for prompt in PROMPTS:
@@ -180,7 +193,7 @@ def test_replica_killed_requests_fail_over(cluster: Cluster) -> None:
     # Requests in flight on the victim when it dies (long enough to be cut off).
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         inflight = [pool.submit(_complete, cluster, model, p, 400) for p in PROMPTS[:4]]
-        time.sleep(1.0)
+        _wait_running(cluster.replicas[victim], cluster.keys.admin, len(inflight))
         proc = cluster.replicas[victim].proc
         assert proc is not None
         cut_off = [not f.done() for f in inflight]
