@@ -655,7 +655,7 @@ def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None
     from trl import SFTTrainer
 
     t0 = time.time()
-    config = json.loads((args.model_dir / "config.json").read_text())
+    dims = json.loads((args.model_dir / "config.json").read_text())
     kept = kept_layers(args.model_dir, args.budget_gib) if recipe == "fast" else 0
     loaders = {
         "reference": load_reference,
@@ -668,8 +668,8 @@ def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None
     # +1: a spare step (profiled for the fast path)
     steps = {w: warmup_steps(args, w) + args.measure + 1 for w in ("full", "mix")}
     data = {
-        "full": make_dataset("full", steps["full"] * ACCUM * BATCH, vocab=config["vocab_size"]),
-        "mix": make_dataset("mix", MIX_EXAMPLES, vocab=config["vocab_size"]),
+        "full": make_dataset("full", steps["full"] * ACCUM * BATCH, vocab=dims["vocab_size"]),
+        "mix": make_dataset("mix", MIX_EXAMPLES, vocab=dims["vocab_size"]),
     }
     for spec in variants:
         # "fast-nofuse:full" runs that variant on the full workload only
@@ -716,7 +716,7 @@ def worker(recipe: str, variants: list[str], workloads: list[str], args) -> None
                 peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                 estimate_gib=estimate_gib(args.model_dir, recipe, kept),
                 shape=args.shape,
-                gflop_per_token=round(gflop_per_token(config), 2),
+                gflop_per_token=round(gflop_per_token(dims), 2),
                 budget_gib=args.budget_gib if recipe == "fast" else None,
                 kept_layers=kept if recipe == "fast" else None,
             )
@@ -763,16 +763,20 @@ def summarise(results: list[dict], out: Path) -> str:
         f"GPU: {next((r['gpu'] for r in results if r.get('kind') == 'peak'), '?')}, "
         f"measured bf16 matmul peak {peak} TFLOP/s"
     ]
-    for workload in ("full", "mix"):
-        sel = [r for r in rows if r["workload"] == workload]
+    shapes = list(dict.fromkeys(r.get("shape") or "llama-3.1-8b" for r in rows))
+    for shape, workload in ((s, w) for s in shapes for w in ("full", "mix")):
+        sel = [
+            r
+            for r in rows
+            if r["workload"] == workload and (r.get("shape") or "llama-3.1-8b") == shape
+        ]
         if not sel:
             continue
         ref = next((r for r in sel if r["variant"] == "reference" and not r["error"]), None)
         uns = next((r for r in sel if r["variant"] == "unsloth" and not r["error"]), None)
         nogc = next((r for r in sel if r["variant"] == "unsloth-nogc" and not r["error"]), None)
-        shapes = sorted({r.get("shape") or "llama-3.1-8b" for r in sel})
         lines.append(
-            f"\n{workload} ({', '.join(shapes)}): real tokens/s | share of peak | peak alloc / "
+            f"\n{shape}, {workload}: real tokens/s | share of peak | peak alloc / "
             "reserved GiB | vs reference | vs Unsloth | vs Unsloth no-GC | median step s | "
             "real tokens a step | loss | budget estimate GiB"
         )

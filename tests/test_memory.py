@@ -76,6 +76,11 @@ def test_a_budget_buys_kept_layers_and_the_estimate_follows_the_plan():
         assert estimate_bytes(shape, cfg, kept_layers=kept) <= budget * GIB
         assert estimate_bytes(shape, cfg, kept_layers=kept + 1) > budget * GIB
     assert estimate_bytes(shape, cfg, kept_layers=0) == base
+    # Biased q/k/v (Qwen2's, run 37) take PEFT's path, which stores their dropout masks.
+    qwen = {**LLAMA_8B, "model_type": "qwen2"}
+    assert ModelShape.from_config(qwen).qkv_bias and not shape.qkv_bias
+    with_masks = kept_layer_bytes(ModelShape.from_config(qwen), cfg)
+    assert with_masks == kept_layer_bytes(shape, cfg) + 3 * 4096 * cfg.batch_size * cfg.max_seq_len
     assert estimate_bytes(shape, cfg, fast_path=False, kept_layers=8) == estimate_bytes(
         shape, cfg, fast_path=False
     )

@@ -44,6 +44,9 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied_embeddings: bool
+    # Biases on q/k/v (Qwen2's attention has them without saying so in its config): those
+    # LoRA layers take PEFT's own path, not the fast path's one-node layer.
+    qkv_bias: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict) -> ModelShape:
@@ -57,6 +60,7 @@ class ModelShape:
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             vocab=cfg["vocab_size"],
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
         )
 
     @classmethod
@@ -100,7 +104,12 @@ def kept_layer_bytes(shape: ModelShape, cfg: JobConfig) -> int:
         hidden_wide += q  # o_proj's dropped input
     per_token = hidden_wide + 2 * kv + 3 * shape.intermediate + 2 * shape.head_dim
     per_token += len(cfg.target_modules) * cfg.lora_rank
-    return per_token * 2 * cfg.batch_size * cfg.max_seq_len
+    mask_bytes = 0
+    if dropped and shape.qkv_bias:
+        # PEFT's path stores each biased projection's dropout mask, a byte an element: the
+        # Qwen 2.5 7B shape peaked 0.03 GiB above the estimate without these (run 36).
+        mask_bytes = sum(1 for m in ("q_proj", "k_proj", "v_proj") if m in cfg.target_modules) * h
+    return (per_token * 2 + mask_bytes) * cfg.batch_size * cfg.max_seq_len
 
 
 def estimate_bytes(
