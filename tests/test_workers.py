@@ -10,7 +10,6 @@ import os
 import re
 import signal
 
-import grpc
 import pytest
 
 from finetune.v1 import trainer_pb2 as pb
@@ -32,24 +31,11 @@ def _service(data, tiny_model_dir, dsn: str, name: str) -> Service:
     return Service(data, {"tiny": str(tiny_model_dir)}, extra=extra).start()
 
 
-def _events(client, job_id: str) -> list[pb.JobEvent]:
-    out: list[pb.JobEvent] = []
-    stream = client.stub.WatchJob(
-        pb.WatchJobRequest(id=job_id), metadata=client.metadata, timeout=2.0
-    )
-    try:
-        out.extend(stream)
-    except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise
-    return out
-
-
 def _start_job(svc: Service, key: str, tmp_path, name: str) -> str:
     with svc.client(key) as c:
         f = write_jsonl(tmp_path / f"{name}.jsonl", chat_rows("The word?", "banana", 32))
         job = c.create_job("tiny", c.upload_dataset(f, name).id, name, **LONG)
-        wait_for(lambda: any("checkpoint saved" in e.message for e in _events(c, job.id)),
+        wait_for(lambda: any("checkpoint saved" in e.message for e in c.job_events(job.id)),
                  timeout=300)  # fmt: skip
     return job.id
 
@@ -67,7 +53,7 @@ def test_a_killed_services_job_is_taken_over_from_its_checkpoint(
         with b.client(key) as c:
             done = c.wait(job_id, 600)
             assert done.state == pb.JOB_STATE_SUCCEEDED, (done.error_message, b.log()[-3000:])
-            messages = [e.message for e in _events(c, job_id)]
+            messages = [e.message for e in c.job_events(job_id)]
         starts = [m for m in messages if m.startswith("started on")]
         assert starts[0] == "started on cpu of host-a", messages
         assert len(starts) == 2 and starts[1].startswith("started on cpu of host-b, attempt 2")
@@ -75,7 +61,7 @@ def test_a_killed_services_job_is_taken_over_from_its_checkpoint(
         assert ckpt >= 4
         at = messages.index(starts[1])
         with b.client(key) as c:
-            progress = [e for e in _events(c, job_id)[at:] if e.HasField("progress")]
+            progress = [e for e in c.job_events(job_id)[at:] if e.HasField("progress")]
         assert progress[0].progress.step == ckpt + 1  # continued, not started over
         assert done.adapter_version == "v0001"
     finally:
@@ -97,15 +83,15 @@ def test_a_paused_service_finds_its_job_taken_and_writes_nothing_more(
         with b.client(key) as c:
             # B takes the job over once A's lease has lapsed.
             wait_for(lambda: c.get_job(job_id).progress.step > 0
-                     and any("host-b" in e.message for e in _events(c, job_id)),
+                     and any("host-b" in e.message for e in c.job_events(job_id)),
                      timeout=120)  # fmt: skip
-            taken = len(_events(c, job_id))
+            taken = len(c.job_events(job_id))
             os.kill(a.proc.pid, signal.SIGCONT)
             # A's heartbeat finds the lease gone: its own run is stopped...
             wait_for(lambda: first_worker not in worker_pids(job_id), timeout=30)
             done = c.wait(job_id, 600)
             assert done.state == pb.JOB_STATE_SUCCEEDED, (done.error_message, b.log()[-3000:])
-            events = _events(c, job_id)
+            events = c.job_events(job_id)
         # ... and nothing of A's was written after B's claim: every start after it is B's.
         later = [e.message for e in events[taken - 1 :] if e.message.startswith("started on")]
         assert all("host-b" in m for m in later), later

@@ -51,7 +51,7 @@ from trainer.service.store import (
     AdapterRecord,
     DatasetRecord,
     ErrorKind,
-    EventListener,
+    EventLog,
     EventRecord,
     JobKind,
     JobRecord,
@@ -161,13 +161,12 @@ def _dataset(r: DictRow) -> DatasetRecord:
     return DatasetRecord(**{k: v for k, v in r.items() if k != "name_fold"})
 
 
-class PostgresStore:
+class PostgresStore(EventLog):
     """``Store`` on a PostgreSQL database (``dsn``: a libpq connection string or URL),
     through a pool of at most ``max_size`` connections. A call that cannot get a working
     connection within ``timeout`` seconds raises ``StoreUnavailable``."""
 
     def __init__(self, dsn: str, *, max_size: int = 4, timeout: float = 10.0) -> None:
-        self._on_event: EventListener | None = None
         info = conninfo_to_dict(dsn)
         self._dsn = dsn
         self._timeout = timeout
@@ -206,9 +205,6 @@ class PostgresStore:
 
     def close(self) -> None:
         self._pool.close()
-
-    def listen(self, listener: EventListener) -> None:
-        self._on_event = listener
 
     # ------------------------------------------------------------ connections
     @contextmanager
@@ -476,23 +472,6 @@ class PostgresStore:
             return db.execute(query, args).rowcount == 1
 
     # ------------------------------------------------------------ events
-    def append_event(
-        self, job_id: str, state: JobState, message: str, progress: dict | None = None
-    ) -> EventRecord:
-        ev = self._append(job_id, None, state, message, progress)
-        assert ev is not None
-        return ev
-
-    def append_event_fenced(
-        self,
-        job_id: str,
-        attempt: int,
-        state: JobState,
-        message: str,
-        progress: dict | None = None,
-    ) -> EventRecord | None:
-        return self._append(job_id, attempt, state, message, progress)
-
     def _append(
         self,
         job_id: str,
@@ -518,13 +497,7 @@ class PostgresStore:
                 (job_id, state.value, message, _value("progress", progress), job_id),
             ).fetchone()
         assert row is not None
-        ev = EventRecord(job_id, row["seq"], row["time"], state, message, progress)
-        if self._on_event is not None:
-            try:
-                self._on_event(ev)
-            except Exception:  # observing never breaks a job
-                log.exception("observing an event of job %s failed", job_id)
-        return ev
+        return self._deliver(EventRecord(job_id, row["seq"], row["time"], state, message, progress))
 
     def events_after(self, job_id: str, seq: int) -> list[EventRecord]:
         rows = self._rows(

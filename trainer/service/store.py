@@ -222,6 +222,53 @@ class Store(Protocol):
     def delete_adapter_version(self, tenant: str, name: str, version: str) -> bool: ...
 
 
+class EventLog:
+    """What both stores do alike around one event: the plain and the fenced append, and
+    handing each stored event to the listener. A store implements ``_append``."""
+
+    _on_event: EventListener | None = None
+
+    def listen(self, listener: EventListener) -> None:
+        self._on_event = listener
+
+    def append_event(
+        self, job_id: str, state: JobState, message: str, progress: dict | None = None
+    ) -> EventRecord:
+        ev = self._append(job_id, None, state, message, progress)
+        assert ev is not None  # only a fenced append is refused
+        return ev
+
+    def append_event_fenced(
+        self,
+        job_id: str,
+        attempt: int,
+        state: JobState,
+        message: str,
+        progress: dict | None = None,
+    ) -> EventRecord | None:
+        return self._append(job_id, attempt, state, message, progress)
+
+    def _append(
+        self,
+        job_id: str,
+        attempt: int | None,
+        state: JobState,
+        message: str,
+        progress: dict | None,
+    ) -> EventRecord | None:
+        """Store the event (only while the job's attempt is ``attempt``, unless None) and
+        return it after ``_deliver``; None when fenced off."""
+        raise NotImplementedError
+
+    def _deliver(self, ev: EventRecord) -> EventRecord:
+        if self._on_event is not None:
+            try:
+                self._on_event(ev)
+            except Exception:  # observing never breaks a job
+                log.exception("observing an event of job %s failed", ev.job_id)
+        return ev
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL, name_fold TEXT NOT NULL,
@@ -288,13 +335,12 @@ def _dumps(v: Any) -> str | None:
     return None if v is None else json.dumps(v)
 
 
-class SqliteStore:
+class SqliteStore(EventLog):
     """``Store`` on one SQLite file in WAL mode (readers never block the writer). Writes
     take SQLite's write lock for their whole transaction (``BEGIN IMMEDIATE``), so what
     one checks and writes holds for every process on the file."""
 
     def __init__(self, path: Path) -> None:
-        self._on_event: EventListener | None = None
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
@@ -310,9 +356,6 @@ class SqliteStore:
 
     def close(self) -> None:
         self._db.close()
-
-    def listen(self, listener: EventListener) -> None:
-        self._on_event = listener
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -590,23 +633,6 @@ class SqliteStore:
             return cur.rowcount == 1
 
     # ------------------------------------------------------------ events
-    def append_event(
-        self, job_id: str, state: JobState, message: str, progress: dict | None = None
-    ) -> EventRecord:
-        ev = self._append(job_id, None, state, message, progress)
-        assert ev is not None
-        return ev
-
-    def append_event_fenced(
-        self,
-        job_id: str,
-        attempt: int,
-        state: JobState,
-        message: str,
-        progress: dict | None = None,
-    ) -> EventRecord | None:
-        return self._append(job_id, attempt, state, message, progress)
-
     def _append(
         self,
         job_id: str,
@@ -628,13 +654,7 @@ class SqliteStore:
                 "INSERT INTO events VALUES (?,?,?,?,?,?)",
                 (job_id, seq, now, state.value, message, _dumps(progress)),
             )
-        ev = EventRecord(job_id, seq, now, state, message, progress)
-        if self._on_event is not None:
-            try:
-                self._on_event(ev)
-            except Exception:  # observing never breaks a job
-                log.exception("observing an event of job %s failed", job_id)
-        return ev
+        return self._deliver(EventRecord(job_id, seq, now, state, message, progress))
 
     def events_after(self, job_id: str, seq: int) -> list[EventRecord]:
         rows = self._rows("SELECT * FROM events WHERE job_id=? AND seq>? ORDER BY seq", job_id, seq)
