@@ -291,7 +291,11 @@ class ServiceConfig:
     )
     vllm_url: str | None = field(
         default=None,
-        metadata={"help": "vLLM server to hot-load adapters into.", "env": "FINETUNE_VLLM_URL"},
+        metadata={
+            "help": "vLLM server to hot-load adapters into; several replicas (behind a "
+            "router) comma-separated, each one told of every change.",
+            "env": "FINETUNE_VLLM_URL",
+        },
     )
     vllm_admin_key: str | None = field(
         default=None,

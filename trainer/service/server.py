@@ -40,11 +40,14 @@ GRACE_S = 10.0
 
 
 def _loader(cfg: ServiceConfig) -> AdapterLoader | None:
-    if not cfg.vllm_url:
+    urls = [u.strip() for u in (cfg.vllm_url or "").split(",") if u.strip()]
+    if not urls:
         return None
-    from trainer.service.vllm_admin import VllmAdmin
+    from trainer.service.vllm_admin import VllmAdmin, VllmReplicas
 
-    return VllmAdmin(cfg.vllm_url, cfg.vllm_admin_key)
+    if len(urls) == 1:
+        return VllmAdmin(urls[0], cfg.vllm_admin_key)
+    return VllmReplicas(urls, cfg.vllm_admin_key)  # behind a router: every replica told
 
 
 def open_store(cfg: ServiceConfig, layout: Layout) -> Store:

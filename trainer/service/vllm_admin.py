@@ -12,6 +12,7 @@ the same path.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -143,3 +144,28 @@ class VllmAdmin:
             return True
         await self.unload(served)
         return await self.load(served, path)
+
+
+class VllmReplicas:
+    """Several vLLM replicas (behind a router), as the publisher sees one server.
+
+    A router would send each admin call to one replica, so the other replicas would keep an
+    old version, or a deleted adapter, under its name. These calls go to every replica
+    instead. A new or re-pinned version is not loaded anywhere: it is unloaded everywhere,
+    and the replica the router picks for the name's next request loads the current version
+    through the resolver, so each adapter stays on the replica the router keeps it on.
+    """
+
+    def __init__(self, urls: list[str], admin_key: str | None = None) -> None:
+        self.replicas = [VllmAdmin(url, admin_key) for url in urls]
+
+    async def reload(self, served: str, path: str | Path) -> bool:
+        """Forget ``served`` on every replica; it loads on first use. False: not loaded."""
+        await self.unload(served)
+        return False
+
+    async def unload(self, served: str) -> bool:
+        """Forget ``served`` on every replica; True if one had it. A replica that cannot
+        confirm it raises (the caller keeps the files for a later sweep)."""
+        done = await asyncio.gather(*(r.unload(served) for r in self.replicas))
+        return any(done)
