@@ -108,6 +108,7 @@ class VllmServer:
     data_dir: Path
     extra_args: list[str] = field(default_factory=list)
     engine_args: list[str] = field(default_factory=lambda: list(CPU_ENGINE_ARGS))
+    env: dict[str, str] = field(default_factory=dict)  # over the inherited environment
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
@@ -147,6 +148,7 @@ class VllmServer:
             "HF_HUB_OFFLINE": "1",
             "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; the default would take far more
             "VLLM_NO_USAGE_STATS": "1",
+            **self.env,
         }
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

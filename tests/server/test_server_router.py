@@ -85,7 +85,12 @@ def cluster(
     for seed, name in enumerate(ADAPTERS):
         tenant, adapter = name.split("/")
         publish(tiny_base, layout, tenant, adapter, seed=seed)
-    replicas = [VllmServer(model=tiny_base, data_dir=data) for _ in range(2)]
+    # A longer context than the other tests': the kill test's requests generate 2000 tokens
+    # each, so they are still in flight seconds after all four run at once.
+    replicas = [
+        VllmServer(model=tiny_base, data_dir=data, extra_args=["--max-model-len", "2048"])
+        for _ in range(2)
+    ]
     router = None
     try:
         _start_all(replicas)
@@ -217,7 +222,7 @@ def test_replica_killed_requests_fail_over(cluster: Cluster) -> None:
     logged = len(cluster.router.requests())
     # Requests in flight on the victim when it dies (long enough to be cut off).
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        inflight = [pool.submit(_complete, cluster, model, p, 400) for p in PROMPTS[:4]]
+        inflight = [pool.submit(_complete, cluster, model, p, 2000) for p in PROMPTS[:4]]
         _wait_running(cluster.replicas[victim], cluster.keys.admin, len(inflight))
         proc = cluster.replicas[victim].proc
         assert proc is not None
