@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -155,18 +156,22 @@ def worker_pids(job_id: str) -> list[int]:
     return process_pids(b"trainer.training.worker", job_id.encode())
 
 
-def make_spec(tmp: Path, model_dir: Path, dataset: Path, **overrides) -> Path:
-    """A worker's spec file in ``tmp``: ``TRAIN`` with ``overrides`` on ``dataset``."""
-    spec = JobSpec(
+def make_spec(
+    tmp: Path, model_dir: Path, dataset: Path, spec: dict[str, Any] | None = None, **overrides
+) -> Path:
+    """A worker's spec file in ``tmp``: ``TRAIN`` with ``overrides`` on ``dataset`` (and
+    ``spec``'s fields of ``JobSpec`` itself)."""
+    job = JobSpec(
         job_id="job-1",
         base_model="tiny",
         base_model_path=str(model_dir),
         dataset_path=str(dataset),
         job_dir=str(tmp),
         config=JobConfig(**{**TRAIN, **overrides}),
+        **(spec or {}),
     )
     path = tmp / "spec.json"
-    path.write_text(json.dumps(spec.to_dict()))
+    path.write_text(json.dumps(job.to_dict()))
     return path
 
 

@@ -186,6 +186,13 @@ class JobSpec:
     fast_path: bool = field(
         default=True, metadata={"help": "On a GPU, train through trainer.fastpath."}
     )
+    memory_budget_bytes: int = field(
+        default=0,
+        metadata={
+            "help": "The trainer's GPU memory budget (0: none set); the fast path keeps as "
+            "many layers un-checkpointed as it and the free memory hold."
+        },
+    )
     adapter_path: str = field(
         default="", metadata={"help": "MERGE_EXPORT: the adapter version's folder to merge."}
     )

@@ -33,7 +33,7 @@ class FastPathConfig:
         metadata={
             "help": "The last this many decoder layers keep their activations for the "
             "backward instead of being checkpointed: no recompute and no parking for them, "
-            "for about 1.35 GiB a layer at 8B x 8192 tokens "
+            "for about 1.07 GiB a layer at 8B x 8192 tokens "
             "(``trainer.memory.kept_layers_for_budget`` picks how many a budget holds)."
         },
     )

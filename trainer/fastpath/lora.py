@@ -32,7 +32,9 @@ class LoraLinear(torch.autograd.Function):
     the LoRA term is written first and the long base GEMM adds into it. The NF4 weight is
     dequantised in the forward and again in the backward, as bitsandbytes does. With
     dropout, where Triton runs (``trainer.fastpath.kernels``), the mask is drawn from a seed and
-    never stored: the backward's epilogue draws it again while adding the LoRA term.
+    never stored: the backward's epilogue draws it again while adding the LoRA term, and,
+    in a layer that is not recomputed, once more for A's gradient instead of keeping the
+    dropped input.
     Elsewhere it is PyTorch's own (``native_dropout``, the kernel ``nn.Dropout`` runs).
     Either way a checkpointed layer's recompute draws the same mask (the seed comes from
     the CPU generator, whose state the checkpoint restores).
@@ -66,17 +68,26 @@ class LoraLinear(torch.autograd.Function):
         ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.first = base, scaling, p, seed, first
         ctx.shape, ctx.x_dtype = shape, x.dtype
         ctx.ab_dtypes = (weight_a.dtype, weight_b.dtype)
-        ctx.save_for_backward(xd, mask, low, a, b)
+        # Outside a recompute (a kept layer: what is saved lives until its backward) the
+        # undropped input is saved, one tensor that q/k/v (and gate/up) share, and the
+        # backward draws the dropped copy again for A's gradient: a layer's activations
+        # are 4 hidden-wide tensors a token smaller (8 GiB over 32 layers at 8B x 8192
+        # tokens, H200 run 39). A recompute's backward follows at once: it keeps its copy.
+        ctx.redraw = seed is not None and not parking.RECOMPUTE["on"]
+        ctx.save_for_backward(x2 if ctx.redraw else xd, mask, low, a, b)
         return out.view(*shape[:-1], out.shape[-1]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        xd, mask, low, a, b = ctx.saved_tensors
+        saved_x, mask, low, a, b = ctx.saved_tensors
         s = ctx.scaling
         g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
         g_low = torch.mm(g, b).mul_(s)  # d(low): (tokens, r)
         grad_b = torch.mm(g.t(), low).mul_(s) if ctx.needs_input_grad[2] else None
-        grad_a = torch.mm(g_low.t(), xd) if ctx.needs_input_grad[1] else None
+        grad_a = None
+        if ctx.needs_input_grad[1]:
+            xd = kernels.dropout(saved_x, ctx.p, ctx.seed) if ctx.redraw else saved_x
+            grad_a = torch.mm(g_low.t(), xd)
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = nf4.base_weight(ctx.base, a.dtype)

@@ -73,9 +73,11 @@ class _Running:
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
-def job_spec(store: Store, layout: Layout, job: JobRecord, base_path: str) -> JobSpec:
+def job_spec(
+    store: Store, layout: Layout, job: JobRecord, base_path: str, memory_budget_bytes: int = 0
+) -> JobSpec:
     """What a training subprocess (or a validation run, or an export) needs to know; it
-    works in the folder of the job's attempt."""
+    works in the folder of the job's attempt, within the trainer's GPU memory budget."""
     job_dir = str(layout.attempt(job.id, job.attempt).root)
     if job.kind == JobKind.MERGE_EXPORT:
         return JobSpec(
@@ -101,6 +103,7 @@ def job_spec(store: Store, layout: Layout, job: JobRecord, base_path: str) -> Jo
             str(layout.dataset_file(job.validation_sha256)) if job.validation_sha256 else ""
         ),
         eval_fraction=job.eval_fraction,
+        memory_budget_bytes=memory_budget_bytes,
     )
 
 
@@ -132,8 +135,10 @@ class Scheduler:
         keep_checkpoints: bool,
         worker: str,
         lease_s: float,
+        memory_budget_bytes: int = 0,
     ) -> None:
         self.keep_checkpoints = keep_checkpoints
+        self.memory_budget_bytes = memory_budget_bytes  # 0: none set
         self.worker = worker
         self.lease_s = lease_s
         self.store = store
@@ -319,7 +324,7 @@ class Scheduler:
             )
             return
         resumed = await asyncio.to_thread(self._seed, job, folder)
-        spec = job_spec(self.store, self.layout, job, base_path)
+        spec = job_spec(self.store, self.layout, job, base_path, self.memory_budget_bytes)
         write_atomic(folder.spec, json.dumps(spec.to_dict(), indent=2).encode())
         start = self.runner.export if job.kind == JobKind.MERGE_EXPORT else self.runner.train
         run = await start(folder.spec, folder.log, slot if self.gpus else None)

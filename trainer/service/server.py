@@ -75,6 +75,9 @@ async def serve(
     bus = EventBus()
     adapters = adapter_store_from_url(cfg.adapter_store, layout, layout.adapter_cache)
     publisher = Publisher(adapters, store, cfg.max_lora_rank, _loader(cfg))
+    budget = MemoryBudget.detect(cfg.gpu_memory_budget)
+    if cfg.gpu_memory_budget is not None and budget is None:
+        log.warning("no GPU found: the memory budget of %s is not checked", cfg.gpu_memory_budget)
     scheduler = Scheduler(
         store,
         layout,
@@ -85,13 +88,11 @@ async def serve(
         keep_checkpoints=cfg.keep_checkpoints,
         worker=cfg.worker_id or socket.gethostname(),
         lease_s=cfg.lease_seconds,
+        memory_budget_bytes=budget.bytes if budget else 0,
     )
     meter = UsageMeter(store, adapters)
     quotas = Quotas(cfg.max_queued_jobs, cfg.max_stored_bytes)
     metrics.registry.register(UsageCollector(meter, lambda: [t.name for t in tenants.list()]))
-    budget = MemoryBudget.detect(cfg.gpu_memory_budget)
-    if cfg.gpu_memory_budget is not None and budget is None:
-        log.warning("no GPU found: the memory budget of %s is not checked", cfg.gpu_memory_budget)
     jobs = Jobs(
         store,
         scheduler,

@@ -19,6 +19,7 @@ the same path runs in CI and on a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import resource
@@ -44,7 +45,7 @@ from trainer.data.rows import RowFile
 from trainer.errors import InvalidArgument
 from trainer.events import Checkpoint, DatasetReport, Event, Progress, State
 from trainer.fastpath import FastPathConfig
-from trainer.memory import GIB, ModelShape, estimate_bytes
+from trainer.memory import GIB, ModelShape, estimate_bytes, plan_kept_layers
 
 
 class UserError(Exception):
@@ -242,11 +243,13 @@ class ProgressEvents(TrainerCallback):
 # ---------------------------------------------------------------- memory
 
 
-def check_free_memory(spec: JobSpec, fast_path: bool) -> None:
-    """Fail before loading when the GPU has not enough free memory (vLLM holds the rest)."""
+def memory_plan(spec: JobSpec, fast_path: bool) -> int:
+    """Fail before loading when the GPU has not enough free memory (vLLM holds the rest);
+    return how many decoder layers the fast path keeps un-checkpointed: as many as the
+    job's budget and the free memory hold (``trainer.memory.plan_kept_layers``)."""
     shape = ModelShape.from_folder(spec.base_model_path)
     if shape is None:
-        return
+        return 0
     need = estimate_bytes(shape, spec.config, fast_path=fast_path)
     free, total = torch.cuda.mem_get_info()
     if need > free:
@@ -254,6 +257,11 @@ def check_free_memory(spec: JobSpec, fast_path: bool) -> None:
             f"this job needs about {need / GIB:.1f} GiB of GPU memory; {free / GIB:.1f} of "
             f"{total / GIB:.1f} GiB are free (vLLM's --gpu-memory-utilization holds the rest)"
         )
+    if not fast_path:
+        return 0
+    return plan_kept_layers(
+        shape, spec.config, budget_bytes=spec.memory_budget_bytes, free_bytes=free
+    )
 
 
 # ---------------------------------------------------------------- the job
@@ -294,13 +302,14 @@ def run(spec: JobSpec, events: EventSink) -> dict[str, Any]:
     eval_dataset = held_out.dataset() if held_out.rows else None
     args = sft_config(cfg, spec, fast, evaluate=eval_dataset is not None)
     if on_gpu:
-        check_free_memory(spec, fast is not None)
+        kept = memory_plan(spec, fast is not None)
+        fast = dataclasses.replace(fast, kept_layers=kept) if fast is not None else None
 
     events.emit(
         State(
             "RUNNING",
             f"{report.examples} {report.format} examples; loading the 4-bit base model"
-            + (" (fast path)" if fast else ""),
+            + (f" (fast path, {fast.kept_layers} layers kept)" if fast else ""),
         )
     )
     peft_model = load_model(spec.base_model_path, cfg, fast)
@@ -349,4 +358,5 @@ def run(spec: JobSpec, events: EventSink) -> dict[str, Any]:
         "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
         "peak_memory_bytes": peak_memory_bytes(),
         "device": "cuda" if on_gpu else "cpu",
+        "kept_layers": fast.kept_layers if fast else 0,  # the fast path's memory plan
     }
