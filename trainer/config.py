@@ -337,7 +337,9 @@ class ServiceConfig:
         default=None,
         metadata={
             "help": "Share of the GPU's memory the trainer may use; vLLM's "
-            "--gpu-memory-utilization takes the rest. Unset: no check.",
+            "--gpu-memory-utilization takes the rest. Jobs are admitted against it and "
+            "spend it on speed (layers kept, not recomputed). Unset: no check, and a job "
+            "plans from the memory free when it starts.",
             "env": "FINETUNE_GPU_MEMORY_BUDGET",
             "metavar": "FRACTION",
         },
