@@ -39,6 +39,7 @@ from typing import Any
 
 from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, ENV_TENANTS_FILE
 from server.adapters import find, list_published, open_store
+from trainer.errors import Unavailable
 from trainer.layout import Layout
 from trainer.names import ServedName, parse_served_name
 from trainer.tenants import Tenant, TenantRegistry
@@ -100,6 +101,15 @@ def bearer_key(scope: Scope) -> str:
             scheme, _, key = value.decode("latin-1").partition(" ")
             return key.strip() if scheme.lower() == "bearer" else ""
     return ""
+
+
+async def storage_down(send: Send, error: Unavailable) -> None:
+    """503 for an adapter store that did not answer (object storage down): the client may
+    retry, unlike a 404. The reason names the storage's endpoint, so it goes to the log."""
+    log.error("adapter storage did not answer: %s", error)
+    msg = "Adapter storage did not answer; retry later."
+    body = error_body(msg, "ServiceUnavailableError", 503)
+    await send_json(send, 503, body, [(b"retry-after", b"5")])
 
 
 async def send_json(send: Send, status: int, body: bytes, extra: list | None = None) -> None:
@@ -281,10 +291,15 @@ class TenantMiddleware:
             await send_json(send, 404, self.not_found(model))
             return
         name = parse_served_name(model)
-        # A few stats and one small read: off the event loop.
-        if name and name.version and not await asyncio.to_thread(self.version_held, name):
-            await send_json(send, 404, self.not_found(model))
-            return
+        if name and name.version:
+            try:  # a few stats and one small read (or object storage's): off the event loop
+                held = await asyncio.to_thread(self.version_held, name)
+            except Unavailable as e:
+                await storage_down(send, e)
+                return
+            if not held:
+                await send_json(send, 404, self.not_found(model))
+                return
         if salted:
             body = self._salt(tenant, data, scope)
 
@@ -356,8 +371,12 @@ class TenantMiddleware:
             msg = "The model list is unavailable."
             await send_json(send, 503, error_body(msg, "ServiceUnavailableError", 503))
             return
-        # The volume listing reads a few small files: off the event loop.
-        listing["data"] = await asyncio.to_thread(self.visible_models, tenant, listing["data"])
+        # The volume listing reads a few small files (or object storage's): off the event loop.
+        try:
+            listing["data"] = await asyncio.to_thread(self.visible_models, tenant, listing["data"])
+        except Unavailable as e:
+            await storage_down(send, e)
+            return
         await send_json(send, 200, json.dumps(listing, separators=(",", ":")).encode())
 
     def visible_models(self, tenant: Tenant, cards: list[Any]) -> list[dict[str, Any]]:

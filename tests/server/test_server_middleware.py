@@ -8,6 +8,7 @@ import shutil
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -16,9 +17,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount, Route
 
+from server.adapters import ENV_ADAPTER_STORE
 from server.middleware import TENANT_ROUTES, TenantMiddleware, describe_routes
 from trainer.layout import CURRENT, Layout, write_atomic
 from trainer.tenants import TenantRegistry
+
+if TYPE_CHECKING:
+    from tests.radosgw import RadosGateway, S3Bucket
+
+pytest_plugins = ("tests.radosgw",)  # a real S3 server, started only by the test that asks
 
 # Versioned names as vLLM lists them once someone asked for them (A/x@v0001).
 LOADED = ["A/x", "B/y", "unnamed-by-admin", "A/x@v0001", "B/y@v0001"]
@@ -289,6 +296,66 @@ def test_versioned_names_are_own_names_checked_against_the_volume(setup) -> None
             shutil.rmtree(v1)
             assert (await ask("A", "A/x@v0001")).status_code == 404
             assert (await ask("A", "A/x")).status_code == 200
+
+    run(go())
+
+
+def test_adapter_storage_down_is_a_retryable_503(
+    radosgw: RadosGateway,
+    s3_bucket: S3Bucket,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With adapters in object storage the model list and a versioned name ask it; while
+    it is down both answer 503 (retry), not 404 (gone) or 500, with no endpoint in the
+    body; back up, both answer again without a restart."""
+    from trainer.object_store import S3AdapterStore
+
+    layout = Layout(tmp_path / "data").create()
+    key = TenantRegistry(layout.tenants_file).add("A")
+    env = {
+        ENV_ADAPTER_STORE: f"s3://{s3_bucket.bucket}/adapters",
+        "FINETUNE_S3_ENDPOINT_URL": s3_bucket.endpoint,
+        "AWS_ACCESS_KEY_ID": s3_bucket.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_bucket.secret_key,
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    src = tmp_path / "trained"
+    src.mkdir()
+    config = {"peft_type": "LORA", "base_model_name_or_path": "tiny"}
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    S3AdapterStore(
+        s3_bucket.bucket,
+        cache_dir=tmp_path / "trainer-cache",
+        prefix="adapters",
+        endpoint_url=s3_bucket.endpoint,
+        access_key=s3_bucket.access_key,
+        secret_key=s3_bucket.secret_key,
+    ).publish("A", "x", src, {"job_id": "job-1"})
+
+    async def go():
+        async with _client(_app(layout)) as c:
+
+            async def both() -> list[httpx.Response]:
+                body = {"model": "A/x@v0001", "prompt": "x"}
+                return [
+                    await c.get("/v1/models", headers=_auth(key)),
+                    await c.post("/v1/completions", json=body, headers=_auth(key)),
+                ]
+
+            models, version = await both()
+            assert models.status_code == 200 and version.status_code == 200
+            assert "A/x" in {card["id"] for card in models.json()["data"]}
+            radosgw.stop_gateway()
+            try:
+                for r in await both():
+                    assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+                    assert r.json()["error"]["type"] == "ServiceUnavailableError"
+                    assert s3_bucket.endpoint not in r.text and "adapters" not in r.text
+            finally:
+                radosgw.start_gateway()
+            assert [r.status_code for r in await both()] == [200, 200]
 
     run(go())
 
