@@ -54,6 +54,7 @@ OPTIONAL_ENV = {
     "FINETUNE_MAX_VALIDATIONS": "a default of 2 ValidateDataset calls per tenant at once",
     "FINETUNE_WORKER_ID": "the host's name by default",
     "FINETUNE_LEASE_SECONDS": "a default of 60 s",
+    "FINETUNE_PUBLISH_WAIT_SECONDS": "a default of 900 s of adapter storage not answering",
     "FINETUNE_ADAPTER_STORE": "empty by default: the adapters on the shared volume",
     "FINETUNE_S3_ENDPOINT_URL": "only with an s3:// adapter store (else AWS_ENDPOINT_URL, AWS)",
     "FINETUNE_JOB_STORE": "empty by default: SQLite in DATA; PostgreSQL for several hosts",

@@ -280,6 +280,15 @@ class ServiceConfig:
             "metavar": "URL",
         },
     )
+    publish_wait_seconds: float = field(
+        default=900.0,
+        metadata={
+            "help": "How long a finished job waits for adapter storage that does not answer "
+            "(object storage down): it stays RUNNING, publishes as soon as storage is back, "
+            "and fails only after this long.",
+            "env": "FINETUNE_PUBLISH_WAIT_SECONDS",
+        },
+    )
     listen: str = field(
         default="127.0.0.1:50051",
         metadata={"help": "gRPC host:port (port 0 picks a free one).", "env": "FINETUNE_LISTEN"},
@@ -417,6 +426,8 @@ class ServiceConfig:
             raise ValueError(f"job_store {self.job_store!r} is not a postgresql:// URL")
         if self.lease_seconds <= 0:
             raise ValueError(f"lease_seconds {self.lease_seconds} is not positive")
+        if self.publish_wait_seconds < 0:
+            raise ValueError(f"publish_wait_seconds {self.publish_wait_seconds} is negative")
         if self.max_queued_jobs < 0 or self.max_stored_bytes < 0:
             raise ValueError("max_queued_jobs and max_stored_bytes are at least 0 (0: no limit)")
         if self.max_validations < 1:

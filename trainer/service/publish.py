@@ -10,6 +10,7 @@ import json
 import logging
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -115,11 +116,41 @@ class Publisher:
         self.loader = loader
         self._lock = asyncio.Lock()
 
-    async def publish(self, tenant: str, adapter: str, src: Path, manifest: dict[str, Any]) -> str:
-        """Publish ``src`` as the next version of ``<tenant>/<adapter>``; return the version."""
+    async def publish(
+        self,
+        tenant: str,
+        adapter: str,
+        src: Path,
+        manifest: dict[str, Any],
+        *,
+        wait_s: float = 0.0,
+        waiting: Callable[[str], Awaitable[Any]] | None = None,
+    ) -> str:
+        """Publish ``src`` as the next version of ``<tenant>/<adapter>``; return the version.
+
+        While the adapter store does not answer (object storage down for a while; a write
+        that raised ``Unavailable`` left no listed version), wait and write again, telling
+        ``waiting`` each time, for up to ``wait_s``; then ``Unavailable``."""
         check_adapter(src, self.max_lora_rank)
-        async with self._lock:
-            version = await asyncio.to_thread(self.adapters.publish, tenant, adapter, src, manifest)
+        deadline = time.monotonic() + wait_s
+        delay = 1.0
+        while True:
+            try:
+                async with self._lock:
+                    version = await asyncio.to_thread(
+                        self.adapters.publish, tenant, adapter, src, manifest
+                    )
+                break
+            except Unavailable as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("publishing %s/%s: %s; again in %.0f s", tenant, adapter, e, delay)
+                if waiting is not None:
+                    await waiting(
+                        f"adapter storage did not answer; publishing again in {delay:.0f} s"
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
         self.store.add_adapter(
             AdapterRecord(
                 tenant=tenant,

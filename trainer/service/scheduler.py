@@ -23,6 +23,7 @@ from typing import Any
 
 from trainer.config import JobConfig, JobSpec
 from trainer.data.report import Report
+from trainer.errors import Unavailable
 from trainer.events import USER, Checkpoint, DatasetReport, Done, Failed, Progress, State
 from trainer.layout import JobFolder, Layout, write_atomic
 from trainer.service import curves
@@ -135,9 +136,11 @@ class Scheduler:
         keep_checkpoints: bool,
         worker: str,
         lease_s: float,
+        publish_wait_s: float = 900.0,
         memory_budget_bytes: int = 0,
     ) -> None:
         self.keep_checkpoints = keep_checkpoints
+        self.publish_wait_s = publish_wait_s
         self.memory_budget_bytes = memory_budget_bytes  # 0: none set
         self.worker = worker
         self.lease_s = lease_s
@@ -459,16 +462,27 @@ class Scheduler:
         )
         try:
             version = await self.publisher.publish(
-                job.tenant, job.adapter_name, folder.output, manifest
+                job.tenant,
+                job.adapter_name,
+                folder.output,
+                manifest,
+                wait_s=self.publish_wait_s,
+                waiting=lambda message: self._event(job, JobState.RUNNING, message),
             )
         except AdapterRejected as e:
             await self._finish(job, JobState.FAILED, f"adapter rejected: {e}", ErrorKind.USER)
             return
-        except OSError as e:
-            # The tenant reads this: the reason, not the server's paths (those go to the log).
+        except (OSError, Unavailable) as e:
+            # The tenant reads this: the reason, not the server's paths or the storage's
+            # endpoint (those go to the log).
             log.error("publishing %s/%s failed: %s", job.tenant, job.adapter_name, e)
-            reason = e.strerror or type(e).__name__
-            current = self.publisher.adapters.current(job.tenant, job.adapter_name)
+            if isinstance(e, Unavailable):
+                reason = f"adapter storage did not answer for {self.publish_wait_s:.0f} s"
+            else:
+                reason = e.strerror or type(e).__name__
+            current = None
+            with contextlib.suppress(Unavailable):
+                current = self.publisher.adapters.current(job.tenant, job.adapter_name)
             kept = f"; {current} is still the one served" if current else ""
             await self._finish(
                 job, JobState.FAILED, f"publishing failed: {reason}{kept}", ErrorKind.SYSTEM

@@ -88,6 +88,7 @@ async def serve(
         keep_checkpoints=cfg.keep_checkpoints,
         worker=cfg.worker_id or socket.gethostname(),
         lease_s=cfg.lease_seconds,
+        publish_wait_s=cfg.publish_wait_seconds,
         memory_budget_bytes=budget.bytes if budget else 0,
     )
     meter = UsageMeter(store, adapters)
