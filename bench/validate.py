@@ -110,7 +110,8 @@ def stage(name: str, path: Path, model: Path) -> dict:
     else:
         from trainer.config import JobConfig
         from trainer.data.examples import examples, scan
-        from trainer.data.report import build, end_token_ids, load_tokenizer
+        from trainer.data.report import build
+        from trainer.data.tokens import end_token_ids, load_tokenizer
 
         tok = load_tokenizer(model)
         t0 = time.perf_counter()  # the tokenizer load is not validation

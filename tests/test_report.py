@@ -18,15 +18,8 @@ import pytest
 from finetune.v1 import trainer_pb2 as pb
 from tests.service import QUICK, Service, add_tenant, make_spec, run_worker, write_jsonl
 from trainer.config import JobConfig
-from trainer.data.report import (
-    build,
-    count_packed_rows,
-    end_token_ids,
-    eval_positions,
-    load_tokenizer,
-    optimizer_steps,
-    tokenize,
-)
+from trainer.data.report import build, count_packed_rows, eval_positions, optimizer_steps
+from trainer.data.tokens import end_token_ids, load_tokenizer, tokenize
 from trainer.dev import tinymodel
 
 # The tiny template with the end-of-turn token left out of assistant turns (and only there).

@@ -429,7 +429,8 @@ def datasets_validate(args: argparse.Namespace) -> int:
         else:
             print(f"{path.name}: {found.examples} {found.format} examples ({found.file_type}): ok")
         return EXIT_OK
-    from trainer.data.report import for_spec, load_tokenizer
+    from trainer.data.report import for_spec
+    from trainer.data.tokens import load_tokenizer
 
     if not (args.model / "config.json").is_file():
         raise UsageError(f"{args.model}: not a model folder (no config.json)")

@@ -12,7 +12,7 @@ from types import TracebackType
 
 import pyarrow as pa
 
-from trainer.data.report import Tokens
+from trainer.data.tokens import Tokens
 
 SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 BATCH_ROWS = 1024

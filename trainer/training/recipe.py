@@ -1,7 +1,7 @@
 """The QLoRA recipe: one fine-tuning job, read top to bottom.
 
     setup   load the tokenizer; tokenize every example with it and its chat template
-            (``trainer.data.report``: labels on assistant turns / completions only) and
+            (``trainer.data.tokens``: labels on assistant turns / completions only) and
             refuse the job if the report finds an error (no EOS among the labels, ...);
             load the base in 4-bit NF4, prepare it for k-bit training, add LoRA
     train   TRL's SFTTrainer on those pre-tokenized rows, evaluating on the eval set
@@ -40,8 +40,9 @@ from trl import SFTConfig, SFTTrainer
 
 from trainer import fastpath
 from trainer.config import JobConfig, JobSpec
-from trainer.data.report import base_tokenizer, for_spec
+from trainer.data.report import for_spec
 from trainer.data.rows import RowFile
+from trainer.data.tokens import base_tokenizer
 from trainer.errors import InvalidArgument
 from trainer.events import Checkpoint, DatasetReport, Event, Progress, State
 from trainer.fastpath import FastPathConfig
@@ -95,7 +96,7 @@ def sft_config(
 ) -> SFTConfig:
     """TRL's training arguments for one job; checkpoints go to ``spec.folder.checkpoints``.
 
-    The rows come tokenized with their labels (``trainer.data.report``), so TRL's own loss
+    The rows come tokenized with their labels (``trainer.data.tokens``), so TRL's own loss
     masking options stay off. With an eval set, checkpoints follow the evaluations and
     the best one by eval loss is loaded at the end.
     """
