@@ -100,6 +100,11 @@ def check_adapter(folder: Path, max_lora_rank: int) -> dict[str, Any]:
     return cfg
 
 
+class AdapterStorageDown(Unavailable):
+    """The adapter store did not answer for as long as a publish would wait; its message
+    names no endpoint (the chained cause does), so a tenant may read it."""
+
+
 class Publisher:
     """Publishes and deletes adapters: checked, stored as versions, recorded, served."""
 
@@ -130,7 +135,7 @@ class Publisher:
 
         While the adapter store does not answer (object storage down for a while; a write
         that raised ``Unavailable`` left no listed version), wait and write again, telling
-        ``waiting`` each time, for up to ``wait_s``; then ``Unavailable``."""
+        ``waiting`` each time, for up to ``wait_s``; then ``AdapterStorageDown``."""
         check_adapter(src, self.max_lora_rank)
         deadline = time.monotonic() + wait_s
         delay = 1.0
@@ -143,7 +148,9 @@ class Publisher:
                 break
             except Unavailable as e:
                 if time.monotonic() + delay > deadline:
-                    raise
+                    raise AdapterStorageDown(
+                        f"adapter storage did not answer for {wait_s:.0f} s"
+                    ) from e  # the endpoint stays in the cause, for the log
                 log.warning("publishing %s/%s: %s; again in %.0f s", tenant, adapter, e, delay)
                 if waiting is not None:
                     await waiting(

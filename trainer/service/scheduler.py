@@ -27,7 +27,7 @@ from trainer.errors import Unavailable
 from trainer.events import USER, Checkpoint, DatasetReport, Done, Failed, Progress, State
 from trainer.layout import JobFolder, Layout, write_atomic
 from trainer.service import curves
-from trainer.service.publish import AdapterRejected, Publisher
+from trainer.service.publish import AdapterRejected, AdapterStorageDown, Publisher
 from trainer.service.runner import JobRunner, LocalRunner, Run
 from trainer.service.store import ErrorKind, EventRecord, JobKind, JobRecord, JobState, Store
 from trainer.training.worker import EXIT_USER
@@ -472,21 +472,11 @@ class Scheduler:
         except AdapterRejected as e:
             await self._finish(job, JobState.FAILED, f"adapter rejected: {e}", ErrorKind.USER)
             return
-        except (OSError, Unavailable) as e:
-            # The tenant reads this: the reason, not the server's paths or the storage's
-            # endpoint (those go to the log).
-            log.error("publishing %s/%s failed: %s", job.tenant, job.adapter_name, e)
-            if isinstance(e, Unavailable):
-                reason = f"adapter storage did not answer for {self.publish_wait_s:.0f} s"
-            else:
-                reason = e.strerror or type(e).__name__
-            current = None
-            with contextlib.suppress(Unavailable):
-                current = self.publisher.adapters.current(job.tenant, job.adapter_name)
-            kept = f"; {current} is still the one served" if current else ""
-            await self._finish(
-                job, JobState.FAILED, f"publishing failed: {reason}{kept}", ErrorKind.SYSTEM
-            )
+        except AdapterStorageDown as e:  # its message names no endpoint
+            await self._publish_failed(job, str(e), e)
+            return
+        except OSError as e:
+            await self._publish_failed(job, e.strerror or type(e).__name__, e)
             return
         self._write(job, adapter_version=version, metrics=metrics)
         pinned = self.publisher.adapters.pinned(job.tenant, job.adapter_name)
@@ -500,6 +490,18 @@ class Scheduler:
             for attempt in self.layout.attempts(job.id):
                 await asyncio.to_thread(shutil.rmtree, attempt.checkpoints, True)
         await self.publisher.sweep()
+
+    async def _publish_failed(self, job: JobRecord, reason: str, error: Exception) -> None:
+        # The tenant reads ``reason``, never the server's paths or the storage's endpoint:
+        # those go to the log.
+        log.error("publishing %s/%s failed: %s", job.tenant, job.adapter_name, error)
+        current = None
+        with contextlib.suppress(Unavailable):  # storage that is still down names nothing
+            current = self.publisher.adapters.current(job.tenant, job.adapter_name)
+        kept = f"; {current} is still the one served" if current else ""
+        await self._finish(
+            job, JobState.FAILED, f"publishing failed: {reason}{kept}", ErrorKind.SYSTEM
+        )
 
     # ------------------------------------------------------------ cancel
     async def cancel(self, job: JobRecord) -> None:
