@@ -30,9 +30,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from trainer.object_store import S3AdapterStore
 
 TOOLS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool", "ceph-authtool", "ceph")
 ACCESS_KEY = "FINETUNETESTKEY"
@@ -88,6 +91,27 @@ class S3Bucket:
     bucket: str
     access_key: str = ACCESS_KEY
     secret_key: str = SECRET_KEY
+
+    def env(self) -> dict[str, str]:
+        """What a process needs in its environment to reach this bucket's server."""
+        return {
+            "FINETUNE_S3_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+        }
+
+    def store(self, cache_dir: Path, **kwargs: Any) -> S3AdapterStore:
+        """An ``S3AdapterStore`` on this bucket (``kwargs``: ``prefix`` and the like)."""
+        from trainer.object_store import S3AdapterStore
+
+        return S3AdapterStore(
+            self.bucket,
+            cache_dir=cache_dir,
+            endpoint_url=self.endpoint,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            **kwargs,
+        )
 
     def client(self) -> Any:
         import boto3

@@ -13,20 +13,13 @@ import pytest
 from trainer.adapter_store import AdapterStore, LocalAdapterStore
 from trainer.errors import FailedPrecondition, NotFound
 from trainer.layout import Layout
-from trainer.object_store import S3AdapterStore
 
 pytest_plugins = ("tests.radosgw",)
 
 
 def _s3_store(request: pytest.FixtureRequest, tmp: Path) -> AdapterStore:
     bucket = request.getfixturevalue("s3_bucket")  # only for the s3 cases: local needs no Ceph
-    return S3AdapterStore(
-        bucket.bucket,
-        cache_dir=tmp / "cache",
-        endpoint_url=bucket.endpoint,
-        access_key=bucket.access_key,
-        secret_key=bucket.secret_key,
-    )
+    return bucket.store(tmp / "cache")
 
 
 STORES: dict[str, Callable[[pytest.FixtureRequest, Path], AdapterStore]] = {

@@ -33,17 +33,6 @@ def _adapter(folder: Path, weights: bytes) -> Path:
     return folder
 
 
-def _store(bucket: S3Bucket, cache: Path, **kwargs: Any) -> S3AdapterStore:
-    return S3AdapterStore(
-        bucket.bucket,
-        cache_dir=cache,
-        endpoint_url=bucket.endpoint,
-        access_key=bucket.access_key,
-        secret_key=bucket.secret_key,
-        **kwargs,
-    )
-
-
 def _keys(bucket: S3Bucket) -> list[str]:
     listing = bucket.client().list_objects_v2(Bucket=bucket.bucket)
     return sorted(o["Key"] for o in listing.get("Contents", []))
@@ -51,7 +40,7 @@ def _keys(bucket: S3Bucket) -> list[str]:
 
 @pytest.fixture
 def store(s3_bucket: S3Bucket, tmp_path: Path) -> S3AdapterStore:
-    return _store(s3_bucket, tmp_path / "cache")
+    return s3_bucket.store(tmp_path / "cache")
 
 
 def test_a_version_is_written_once_and_the_server_refuses_a_second_write(
@@ -82,7 +71,7 @@ def test_a_publisher_that_lost_the_race_for_a_number_takes_the_next(
 ) -> None:
     store.publish("acme", "bot", _adapter(tmp_path / "one", b"one"), {"job_id": "j1"})
     # A second publisher that listed before the first one's claim landed: it tries v0001.
-    late = _store(s3_bucket, tmp_path / "cache2")
+    late = s3_bucket.store(tmp_path / "cache2")
     monkeypatch.setattr(late, "_scan", lambda t, a: ([], 0, []))
     assert late.publish("acme", "bot", _adapter(tmp_path / "two", b"two"), {"job_id": "j2"}) == (
         "v0002"
@@ -102,7 +91,7 @@ def test_racing_publishers_each_get_a_whole_version_of_their_own(
     start = threading.Barrier(len(jobs))
 
     def publish(job: str) -> None:
-        own = _store(s3_bucket, tmp_path / f"cache-{job}")
+        own = s3_bucket.store(tmp_path / f"cache-{job}")
         start.wait()
         got[job] = own.publish("acme", "bot", sources[job], {"job_id": job})
 
@@ -111,7 +100,7 @@ def test_racing_publishers_each_get_a_whole_version_of_their_own(
         t.start()
     for t in threads:
         t.join()
-    store = _store(s3_bucket, tmp_path / "cache")
+    store = s3_bucket.store(tmp_path / "cache")
     assert (
         sorted(got.values()) == store.versions("acme", "bot") == [f"v{i:04d}" for i in range(1, 7)]
     )
@@ -198,7 +187,7 @@ def test_downloads_a_killed_process_left_are_swept_once_old(
         folder.mkdir(parents=True)
         (folder / "adapter_model.safetensors").write_bytes(b"half")
     os.utime(old, (time.time() - 7200, time.time() - 7200))
-    _store(s3_bucket, tmp_path / "cache")
+    s3_bucket.store(tmp_path / "cache")
     assert not old.exists() and fresh.exists()  # a fetch in flight elsewhere is left alone
 
 
@@ -230,7 +219,7 @@ def test_a_removed_version_number_is_not_handed_out_again(
 def test_storage_down_is_unavailable_with_a_reason_and_recovers(
     radosgw: RadosGateway, s3_bucket: S3Bucket, tmp_path: Path
 ) -> None:
-    store = _store(s3_bucket, tmp_path / "cache", connect_timeout=1, attempts=1)
+    store = s3_bucket.store(tmp_path / "cache", connect_timeout=1, attempts=1)
     store.publish("acme", "bot", _adapter(tmp_path / "one", b"one"), {"job_id": "j1"})
     radosgw.stop_gateway()
     try:
@@ -294,9 +283,8 @@ def test_keys_stay_under_the_prefix_and_the_url_picks_the_store(
     for bad in ("http://x/y", "s3://", "/data/adapters"):
         with pytest.raises(InvalidArgument):
             adapter_store_from_url(bad, layout, tmp_path / "c")
-    monkeypatch.setenv("FINETUNE_S3_ENDPOINT_URL", s3_bucket.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_bucket.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_bucket.secret_key)
+    for name, value in s3_bucket.env().items():
+        monkeypatch.setenv(name, value)
     store = adapter_store_from_url(f"s3://{s3_bucket.bucket}/team/a", layout, tmp_path / "c")
     assert isinstance(store, S3AdapterStore)
     store.publish("acme", "bot", _adapter(tmp_path / "a", b"w"), {"job_id": "j"})

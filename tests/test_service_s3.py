@@ -48,11 +48,7 @@ def test_storage_down_at_publish_is_waited_out_then_failed_past_the_limit(
     tiny_model_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for name, value in {
-        "FINETUNE_S3_ENDPOINT_URL": s3_bucket.endpoint,
-        "AWS_ACCESS_KEY_ID": s3_bucket.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3_bucket.secret_key,
-    }.items():
+    for name, value in s3_bucket.env().items():
         monkeypatch.setenv(name, value)  # the service process inherits them
     data = tmp_path / "data"
     key = add_tenant(data, "acme")

@@ -309,30 +309,18 @@ def test_adapter_storage_down_is_a_retryable_503(
     """With adapters in object storage the model list and a versioned name ask it; while
     it is down both answer 503 (retry), not 404 (gone) or 500, with no endpoint in the
     body; back up, both answer again without a restart."""
-    from trainer.object_store import S3AdapterStore
-
     layout = Layout(tmp_path / "data").create()
     key = TenantRegistry(layout.tenants_file).add("A")
-    env = {
-        ENV_ADAPTER_STORE: f"s3://{s3_bucket.bucket}/adapters",
-        "FINETUNE_S3_ENDPOINT_URL": s3_bucket.endpoint,
-        "AWS_ACCESS_KEY_ID": s3_bucket.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3_bucket.secret_key,
-    }
+    env = {ENV_ADAPTER_STORE: f"s3://{s3_bucket.bucket}/adapters", **s3_bucket.env()}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     src = tmp_path / "trained"
     src.mkdir()
     config = {"peft_type": "LORA", "base_model_name_or_path": "tiny"}
     (src / "adapter_config.json").write_text(json.dumps(config))
-    S3AdapterStore(
-        s3_bucket.bucket,
-        cache_dir=tmp_path / "trainer-cache",
-        prefix="adapters",
-        endpoint_url=s3_bucket.endpoint,
-        access_key=s3_bucket.access_key,
-        secret_key=s3_bucket.secret_key,
-    ).publish("A", "x", src, {"job_id": "job-1"})
+    s3_bucket.store(tmp_path / "trainer-cache", prefix="adapters").publish(
+        "A", "x", src, {"job_id": "job-1"}
+    )
 
     async def go():
         async with _client(_app(layout)) as c:

@@ -247,7 +247,6 @@ def test_the_plugin_serves_an_adapter_published_into_s3(
     from server.adapters import CACHE_DIR
     from server.launcher import ServerConfig, build_env
     from server.resolver import RESOLVER_NAME, register
-    from trainer.object_store import S3AdapterStore
 
     gateway, bucket = radosgw, s3_bucket
     src = tmp_path / "trained"
@@ -255,26 +254,14 @@ def test_the_plugin_serves_an_adapter_published_into_s3(
     config = {"peft_type": "LORA", "base_model_name_or_path": "tiny", "r": 8}
     (src / "adapter_config.json").write_text(json.dumps(config))
     (src / "adapter_model.safetensors").write_bytes(b"weights" * 1000)
-    publisher = S3AdapterStore(
-        bucket.bucket,
-        cache_dir=tmp_path / "trainer-cache",
-        prefix="adapters",
-        endpoint_url=bucket.endpoint,
-        access_key=bucket.access_key,
-        secret_key=bucket.secret_key,
-    )
+    publisher = bucket.store(tmp_path / "trainer-cache", prefix="adapters")
     publisher.publish("A", "x", src, {"job_id": "job-1"})
     publisher.publish("A", "x", src, {"job_id": "job-2"})
 
     data = Layout(tmp_path / "serving-data").create()  # another host's: no adapters on it
     cfg = ServerConfig(model="/models/tiny", data_dir=data.root, served_model_name="tiny",
                        adapter_store=f"s3://{bucket.bucket}/adapters")  # fmt: skip
-    base_env = {
-        "FINETUNE_S3_ENDPOINT_URL": bucket.endpoint,
-        "AWS_ACCESS_KEY_ID": bucket.access_key,
-        "AWS_SECRET_ACCESS_KEY": bucket.secret_key,
-    }
-    for name, value in build_env(cfg, base_env).items():
+    for name, value in build_env(cfg, bucket.env()).items():
         if name.startswith(("FINETUNE_", "AWS_")):
             monkeypatch.setenv(name, value)
     LoRAResolverRegistry.resolvers.pop(RESOLVER_NAME, None)
