@@ -136,7 +136,7 @@ class Scheduler:
         keep_checkpoints: bool,
         worker: str,
         lease_s: float,
-        publish_wait_s: float = 900.0,
+        publish_wait_s: float,
         memory_budget_bytes: int = 0,
     ) -> None:
         self.keep_checkpoints = keep_checkpoints
