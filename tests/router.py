@@ -37,6 +37,10 @@ from trainer.processes import free_port
 #   bodies whole. A body without `model` where HAProxy can read it falls back to round
 #   robin: a cold load, never an error.
 # - hash-type consistent: a replica that goes or comes back moves only its own adapters.
+# - timeout check: a health check may take that long. Unset, HAProxy gives a check only
+#   `inter` (1 s, or the tests' 200 ms): a replica busy generating answers /health slower
+#   than that, is marked down while it works, and its adapters move (cold loads elsewhere).
+#   A replica that died refuses the connection at once, so failover stays as quick.
 # - retries + redispatch + retry-on: a request whose replica refuses the connection or
 #   dies before answering is sent to another one (completions have no side effects).
 HAPROXY_CONFIG = """\
@@ -49,6 +53,7 @@ defaults
     log global
     option httplog
     timeout connect 5s
+    timeout check 5s
     timeout http-request 60s
     timeout client 10m
     timeout server 10m
