@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from trainer.adapter_store import AdapterStore, LocalAdapterStore
+from trainer.bucket import Bucket
 from trainer.layout import Layout
 from trainer.object_store import S3AdapterStore
 
@@ -67,14 +68,10 @@ def _s3(endpoint: str | None) -> Iterator[Callable[[Path], S3AdapterStore]]:
         access, secret = made.access_key, made.secret_key
     prefix = f"bench-{secrets.token_hex(4)}"
     try:
-        yield lambda cache: S3AdapterStore(
-            bucket,
-            cache_dir=cache,
-            prefix=prefix,
-            endpoint_url=endpoint,
-            access_key=access,
-            secret_key=secret,
+        s3 = Bucket(
+            bucket, prefix=prefix, endpoint_url=endpoint, access_key=access, secret_key=secret
         )
+        yield lambda cache: S3AdapterStore(s3, cache_dir=cache)
     finally:
         if gateway is not None:
             gateway_cm.__exit__(None, None, None)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from trainer.bucket import Bucket
     from trainer.object_store import S3AdapterStore
 
 TOOLS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool", "ceph-authtool", "ceph")
@@ -100,18 +101,23 @@ class S3Bucket:
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
         }
 
-    def store(self, cache_dir: Path, **kwargs: Any) -> S3AdapterStore:
-        """An ``S3AdapterStore`` on this bucket (``kwargs``: ``prefix`` and the like)."""
-        from trainer.object_store import S3AdapterStore
+    def s3(self, **kwargs: Any) -> Bucket:
+        """This bucket as the stores reach it (``kwargs``: ``prefix`` and the like)."""
+        from trainer.bucket import Bucket
 
-        return S3AdapterStore(
+        return Bucket(
             self.bucket,
-            cache_dir=cache_dir,
             endpoint_url=self.endpoint,
             access_key=self.access_key,
             secret_key=self.secret_key,
             **kwargs,
         )
+
+    def store(self, cache_dir: Path, **kwargs: Any) -> S3AdapterStore:
+        """An ``S3AdapterStore`` on this bucket (``kwargs``: ``prefix`` and the like)."""
+        from trainer.object_store import S3AdapterStore
+
+        return S3AdapterStore(self.s3(**kwargs), cache_dir=cache_dir)
 
     def client(self) -> Any:
         import boto3

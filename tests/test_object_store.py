@@ -115,14 +115,14 @@ def test_a_crashed_publish_is_never_listed_or_served_and_blocks_nothing(
     store: S3AdapterStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.publish("acme", "bot", _adapter(tmp_path / "one", b"one"), {"job_id": "j1"})
-    put = store._put
+    put = store.s3.put
 
     def crash_at_manifest(key: str, body: Any, **kwargs: Any) -> None:
         if key.endswith("/manifest.json"):
             raise KeyboardInterrupt  # the publisher dies before the version is whole
         put(key, body, **kwargs)
 
-    monkeypatch.setattr(store, "_put", crash_at_manifest)
+    monkeypatch.setattr(store.s3, "put", crash_at_manifest)
     with pytest.raises(KeyboardInterrupt):
         store.publish("acme", "bot", _adapter(tmp_path / "two", b"two"), {"job_id": "j2"})
     monkeypatch.undo()
@@ -145,7 +145,7 @@ def test_fetch_is_atomic_verified_and_reused(
     weights = bytes(range(256)) * 4096  # 1 MiB
     store.publish("acme", "bot", _adapter(tmp_path / "one", weights), {"job_id": "j1"})
     parent = tmp_path / "cache" / "acme" / "bot"
-    download = store._download
+    download = store.s3.download
 
     def dies_midway(key: str, dest: Path, size: int) -> None:
         if key.endswith("adapter_model.safetensors"):
@@ -153,7 +153,7 @@ def test_fetch_is_atomic_verified_and_reused(
             raise Unavailable("connection reset")
         download(key, dest, size)
 
-    monkeypatch.setattr(store, "_download", dies_midway)
+    monkeypatch.setattr(store.s3, "download", dies_midway)
     with pytest.raises(Unavailable):
         store.fetch("acme", "bot", "v0001")
     assert not parent.exists() or list(parent.iterdir()) == []  # nothing half-there
@@ -163,7 +163,7 @@ def test_fetch_is_atomic_verified_and_reused(
     def short(key: str, dest: Path, size: int) -> None:
         download(key, dest, size + 1)
 
-    monkeypatch.setattr(store, "_download", short)
+    monkeypatch.setattr(store.s3, "download", short)
     with pytest.raises(Unavailable, match="bytes of"):
         store.fetch("acme", "bot", "v0001")
     assert not parent.exists() or list(parent.iterdir()) == []
@@ -174,7 +174,7 @@ def test_fetch_is_atomic_verified_and_reused(
     assert (folder / "adapter_model.safetensors").read_bytes() == weights
     # Reused: nothing downloaded again.
     calls: list[str] = []
-    monkeypatch.setattr(store, "_download", lambda k, d, s: calls.append(k))
+    monkeypatch.setattr(store.s3, "download", lambda k, d, s: calls.append(k))
     assert store.fetch("acme", "bot", "v0001") == folder and calls == []
 
 

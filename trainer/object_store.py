@@ -33,12 +33,11 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from trainer.adapter_store import MANIFEST, AdapterStore, LocalAdapterStore
+from trainer.bucket import Bucket, Taken
 from trainer.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from trainer.layout import CURRENT, PINNED, VERSION_RE, Layout
 from trainer.names import check_name
@@ -46,55 +45,13 @@ from trainer.names import check_name
 CLAIM = ".claim"
 # Kept in the cached copy: the publish id of the manifest it was downloaded from.
 CACHE_ID = ".publish-id"
-ENV_ENDPOINT = ("FINETUNE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
-_MISSING = ("404", "NoSuchKey", "NotFound")  # HEAD answers the bare status
-_TAKEN = ("412", "PreconditionFailed", "409", "ConditionalRequestConflict")
-_CHUNK = 1 << 20
-
-
-class _Taken(Exception):
-    """A create-only write found the key already there."""
 
 
 class S3AdapterStore:
     """Adapter versions as objects under ``s3://<bucket>/<prefix>``."""
 
-    def __init__(
-        self,
-        bucket: str,
-        *,
-        cache_dir: Path,
-        prefix: str = "",
-        endpoint_url: str | None = None,
-        access_key: str | None = None,
-        secret_key: str | None = None,
-        region: str | None = None,
-        connect_timeout: float = 5,
-        read_timeout: float = 60,
-        attempts: int = 3,
-    ) -> None:
-        import boto3  # here: the vLLM plugin imports this module, boto3 only when used
-        from botocore.config import Config
-
-        self.bucket, self.cache = bucket, Path(cache_dir)
-        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self.endpoint = endpoint_url or "the default AWS endpoint"
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=endpoint_url,
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            region_name=region or os.environ.get("AWS_REGION") or "us-east-1",
-            config=Config(
-                s3={"addressing_style": "path"},  # radosgw and most S3 servers off AWS
-                connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
-                retries={"max_attempts": attempts, "mode": "standard"},
-                # Checksum trailers (boto3 >= 1.36) are not understood by every S3 server.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
-        )
+    def __init__(self, s3: Bucket, *, cache_dir: Path) -> None:
+        self.s3, self.prefix, self.cache = s3, s3.prefix, Path(cache_dir)
         self._sweep_cache()
 
     def _sweep_cache(self, older_than_s: float = 3600) -> None:
@@ -118,73 +75,10 @@ class S3AdapterStore:
             key += "/" + version
         return key + "/" + name if name else key
 
-    def _call(self, operation: str, key: str, **kwargs: Any) -> Any:
-        """One S3 call; None for a missing key, ``_Taken`` for a refused create-only write,
-        ``Unavailable`` for anything else the storage did not do."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return getattr(self.client, operation)(Bucket=self.bucket, **kwargs)
-        except ClientError as e:
-            err = e.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-            if code in _MISSING:  # a missing bucket is not a missing key: NoSuchBucket
-                return None
-            if code in _TAKEN or status in _TAKEN:
-                raise _Taken(key) from None
-            raise Unavailable(
-                f"object storage at {self.endpoint} refused {operation} of "
-                f"s3://{self.bucket}/{key}: {code or status} {err.get('Message') or ''}".strip()
-            ) from e
-        except BotoCoreError as e:
-            raise Unavailable(
-                f"object storage at {self.endpoint} did not answer {operation} of "
-                f"s3://{self.bucket}/{key}: {e}"
-            ) from e
-
-    def _get(self, key: str) -> bytes | None:
-        found = self._call("get_object", key, Key=key)
-        return None if found is None else self._read(key, found["Body"])
-
-    def _read(self, key: str, body: Any) -> bytes:
-        from botocore.exceptions import BotoCoreError
-
-        try:
-            return bytes(body.read())
-        except (BotoCoreError, OSError) as e:
-            raise Unavailable(f"object storage at {self.endpoint}: reading {key}: {e}") from e
-
-    def _put(self, key: str, body: Any, *, create: bool = False, **extra: Any) -> None:
-        if create:
-            extra["IfNoneMatch"] = "*"
-        self._call("put_object", key, Key=key, Body=body, **extra)
-
-    def _list(self, prefix: str) -> Iterator[dict[str, Any]]:
-        """Every object under ``prefix`` (key and size)."""
-        token: dict[str, str] = {}
-        while True:
-            page = self._call("list_objects_v2", prefix, Prefix=prefix, **token) or {}
-            yield from page.get("Contents", [])
-            if not page.get("IsTruncated"):
-                return
-            token = {"ContinuationToken": page["NextContinuationToken"]}
-
-    def _delete(self, keys: list[str]) -> None:
-        for i in range(0, len(keys), 1000):
-            batch = [{"Key": k} for k in keys[i : i + 1000]]
-            done = self._call("delete_objects", keys[i], Delete={"Objects": batch, "Quiet": True})
-            if failed := (done or {}).get("Errors"):  # a batch answers per key
-                first = failed[0]
-                raise Unavailable(
-                    f"object storage at {self.endpoint} kept {len(failed)} of the objects to "
-                    f"delete, e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message')}"
-                )
-
     def _scan(self, tenant: str, adapter: str) -> tuple[list[str], int, list[str]]:
         """Whole versions (oldest first), the highest number taken, and every key."""
         base = self._key(tenant, adapter) + "/"
-        keys = [obj["Key"] for obj in self._list(base)]
+        keys = [obj["Key"] for obj in self.s3.objects(base)]
         whole, highest = set(), 0
         for key in keys:
             version, _, name = key[len(base) :].partition("/")
@@ -195,7 +89,7 @@ class S3AdapterStore:
         return sorted(whole, key=lambda v: int(v[1:])), highest, keys
 
     def _pointer(self, tenant: str, adapter: str, name: str) -> str | None:
-        data = self._get(self._key(tenant, adapter, name=name))
+        data = self.s3.get(self._key(tenant, adapter, name=name))
         version = data.decode(errors="replace").strip() if data is not None else ""
         return version if VERSION_RE.fullmatch(version) else None
 
@@ -205,7 +99,7 @@ class S3AdapterStore:
         if version is None:
             version = self._write_version(tenant, adapter, src, manifest)
         current = self.pinned(tenant, adapter) or version
-        self._put(self._key(tenant, adapter, name=CURRENT), current.encode())
+        self.s3.put(self._key(tenant, adapter, name=CURRENT), current.encode())
         return version
 
     def _version_of_job(self, tenant: str, adapter: str, job_id: str) -> str | None:
@@ -223,18 +117,18 @@ class S3AdapterStore:
             version = f"v{number:04d}"
             try:
                 claim = json.dumps({"job_id": manifest["job_id"], "publish_id": publish_id})
-                self._put(self._key(tenant, adapter, version, CLAIM), claim.encode(), create=True)
-            except _Taken:
+                self.s3.put(self._key(tenant, adapter, version, CLAIM), claim.encode(), create=True)
+            except Taken:
                 continue  # another publisher took this number: the next one
             break
         try:
             for path in files:
                 with open(path, "rb") as f:
-                    self._put(self._key(tenant, adapter, version, path.name), f, create=True)
+                    self.s3.put(self._key(tenant, adapter, version, path.name), f, create=True)
             body = json.dumps(manifest, indent=2, sort_keys=True).encode()
-            self._put(self._key(tenant, adapter, version, MANIFEST), body, create=True,
+            self.s3.put(self._key(tenant, adapter, version, MANIFEST), body, create=True,
                       Metadata={"publish-id": publish_id})  # fmt: skip
-        except _Taken as e:  # only a writer ignoring the claim gets here; retrying is safe
+        except Taken as e:  # only a writer ignoring the claim gets here; retrying is safe
             raise Unavailable(f"{e} was written by another publisher; publish again") from e
         return version
 
@@ -243,21 +137,21 @@ class S3AdapterStore:
         if not held:
             raise NotFound(f"adapter {adapter!r} not found")
         if version is None:
-            self._delete([self._key(tenant, adapter, name=PINNED)])
+            self.s3.delete([self._key(tenant, adapter, name=PINNED)])
             current = held[-1]
         elif version not in held:
             raise NotFound(f"version: {adapter!r} has no version {version!r}; it has {held}")
         else:
-            self._put(self._key(tenant, adapter, name=PINNED), version.encode())
+            self.s3.put(self._key(tenant, adapter, name=PINNED), version.encode())
             current = version
-        self._put(self._key(tenant, adapter, name=CURRENT), current.encode())
+        self.s3.put(self._key(tenant, adapter, name=CURRENT), current.encode())
         return current
 
     def pinned(self, tenant: str, adapter: str) -> str | None:
         return self._pointer(tenant, adapter, PINNED)
 
     def manifest(self, tenant: str, adapter: str, version: str) -> dict[str, Any] | None:
-        data = self._get(self._key(tenant, adapter, version, MANIFEST))
+        data = self.s3.get(self._key(tenant, adapter, version, MANIFEST))
         try:
             found = json.loads(data) if data is not None else None
         except ValueError:
@@ -266,7 +160,7 @@ class S3AdapterStore:
 
     def size(self, tenant: str, adapter: str, version: str) -> int:
         prefix = self._key(tenant, adapter, version) + "/"
-        return sum(o["Size"] for o in self._list(prefix) if o["Key"] != prefix + CLAIM)
+        return sum(o["Size"] for o in self.s3.objects(prefix) if o["Key"] != prefix + CLAIM)
 
     def remove_version(self, tenant: str, adapter: str, version: str) -> None:
         prefix = self._key(tenant, adapter, version) + "/"
@@ -278,9 +172,9 @@ class S3AdapterStore:
                 f"version: {version} is the one {tenant}/{adapter} serves; pin another "
                 "version first, or delete the adapter"
             )
-        self._delete([prefix + MANIFEST])  # gone for readers at once
+        self.s3.delete([prefix + MANIFEST])  # gone for readers at once
         # The claim stays: the number is never taken again (caches key on it).
-        self._delete([k for k in keys if k.startswith(prefix) and k[len(prefix) :] != CLAIM])
+        self.s3.delete([k for k in keys if k.startswith(prefix) and k[len(prefix) :] != CLAIM])
 
     def current(self, tenant: str, adapter: str) -> str | None:
         return self._pointer(tenant, adapter, CURRENT)
@@ -298,7 +192,7 @@ class S3AdapterStore:
     def _whole(self, prefix: str) -> set[tuple[str, str]]:
         """(tenant, adapter) of every whole version under ``prefix``."""
         found = set()
-        for obj in self._list(prefix):
+        for obj in self.s3.objects(prefix):
             parts = obj["Key"][len(self.prefix) :].split("/")
             if len(parts) == 4 and parts[3] == MANIFEST and VERSION_RE.fullmatch(parts[2]):
                 found.add((parts[0], parts[1]))
@@ -306,7 +200,7 @@ class S3AdapterStore:
 
     def fetch(self, tenant: str, adapter: str, version: str) -> Path | None:
         prefix = self._key(tenant, adapter, version) + "/"
-        head = self._call("head_object", prefix + MANIFEST, Key=prefix + MANIFEST)
+        head = self.s3.call("head_object", prefix + MANIFEST, Key=prefix + MANIFEST)
         if head is None:
             return None  # not published whole, or removed
         publish_id = head.get("Metadata", {}).get("publish-id", head.get("ETag", ""))
@@ -316,7 +210,7 @@ class S3AdapterStore:
         # Only plain file names come down: nothing a key holds can lead out of the folder.
         objects = {
             o["Key"][len(prefix) :]: o["Size"]
-            for o in self._list(prefix)
+            for o in self.s3.objects(prefix)
             if "/" not in o["Key"][len(prefix) :] and not o["Key"][len(prefix) :].startswith(".")
         }
         if "adapter_config.json" not in objects or MANIFEST not in objects:
@@ -326,7 +220,7 @@ class S3AdapterStore:
         try:
             tmp.mkdir()
             for name, size in objects.items():
-                self._download(prefix + name, tmp / name, size)
+                self.s3.download(prefix + name, tmp / name, size)
             (tmp / CACHE_ID).write_text(publish_id)
             if folder.exists() and _cached_id(folder) != publish_id:
                 _remove(folder)  # a copy of what the name held before it was published again
@@ -336,36 +230,19 @@ class S3AdapterStore:
             shutil.rmtree(tmp, ignore_errors=True)
         return folder if _cached_id(folder) == publish_id else None
 
-    def _download(self, key: str, dest: Path, size: int) -> None:
-        found = self._call("get_object", key, Key=key)
-        if found is None:
-            raise Unavailable(f"{key} vanished while being fetched")
-        from botocore.exceptions import BotoCoreError
-
-        written = 0
-        try:
-            with open(dest, "wb") as f:
-                for chunk in found["Body"].iter_chunks(_CHUNK):
-                    f.write(chunk)
-                    written += len(chunk)
-        except BotoCoreError as e:
-            raise Unavailable(f"object storage at {self.endpoint}: reading {key}: {e}") from e
-        if written != size:
-            raise Unavailable(f"{key}: got {written} bytes of {size}")
-
     def unpublish(self, tenant: str, adapter: str) -> None:
-        self._delete([self._key(tenant, adapter, name=CURRENT)])
+        self.s3.delete([self._key(tenant, adapter, name=CURRENT)])
 
     def unpublished(self) -> list[tuple[str, str]]:
         return sorted((t, a) for t, a in self._whole(self.prefix) if self.current(t, a) is None)
 
     def remove(self, tenant: str, adapter: str) -> None:
         keys = self._scan(tenant, adapter)[2]
-        self._delete(
+        self.s3.delete(
             [self._key(tenant, adapter, name=CURRENT), self._key(tenant, adapter, name=PINNED)]
         )
-        self._delete([k for k in keys if k.endswith("/" + MANIFEST)])
-        self._delete(keys)
+        self.s3.delete([k for k in keys if k.endswith("/" + MANIFEST)])
+        self.s3.delete(keys)
 
 
 def _cached_id(folder: Path) -> str | None:
@@ -384,14 +261,7 @@ def _remove(folder: Path) -> None:
 
 def adapter_store_from_url(url: str, layout: Layout, cache_dir: Path) -> AdapterStore:
     """The store ``url`` names: "" for the local volume (``layout``), or
-    ``s3://bucket/prefix`` with the endpoint from ``FINETUNE_S3_ENDPOINT_URL`` or
-    ``AWS_ENDPOINT_URL`` (AWS itself when neither is set) and the usual AWS credentials."""
+    ``s3://bucket/prefix`` (``Bucket.from_url`` says where the endpoint comes from)."""
     if not url:
         return LocalAdapterStore(layout)
-    parsed = urlparse(url)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise InvalidArgument("adapter_store", f"{url!r} is neither empty nor s3://bucket/prefix")
-    endpoint = next((os.environ[e] for e in ENV_ENDPOINT if os.environ.get(e)), None)
-    return S3AdapterStore(
-        parsed.netloc, cache_dir=cache_dir, prefix=parsed.path, endpoint_url=endpoint
-    )
+    return S3AdapterStore(Bucket.from_url(url, "adapter_store"), cache_dir=cache_dir)
