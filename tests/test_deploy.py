@@ -58,6 +58,7 @@ OPTIONAL_ENV = {
     "FINETUNE_ADAPTER_STORE": "empty by default: the adapters on the shared volume",
     "FINETUNE_S3_ENDPOINT_URL": "only with an s3:// adapter store (else AWS_ENDPOINT_URL, AWS)",
     "FINETUNE_JOB_STORE": "empty by default: SQLite in DATA; PostgreSQL for several hosts",
+    "FINETUNE_JOB_FILES": "empty by default: datasets and checkpoints in DATA",
     "FINETUNE_MAX_QUEUED_JOBS": "a default of 20 unfinished jobs per tenant",
     "FINETUNE_MAX_STORED_BYTES": "a default of 100 GiB per tenant",
     "FINETUNE_KEEP_CHECKPOINTS": "off by default: checkpoints go once the adapter is published",

@@ -280,6 +280,17 @@ class ServiceConfig:
             "metavar": "URL",
         },
     )
+    job_files: str = field(
+        default="",
+        metadata={
+            "help": "Where datasets and checkpoints are kept for every worker: empty for DATA "
+            "(one host, or a volume the hosts share), or s3://BUCKET/PREFIX (endpoint and "
+            "credentials as for --adapter-store), so a worker on another host trains a "
+            "dataset uploaded elsewhere and resumes a job whose host died.",
+            "env": "FINETUNE_JOB_FILES",
+            "metavar": "URL",
+        },
+    )
     publish_wait_seconds: float = field(
         default=900.0,
         metadata={

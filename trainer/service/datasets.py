@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -25,11 +26,15 @@ from trainer.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
+from trainer.job_files import JobFiles, LocalJobFiles
 from trainer.layout import Layout, fsync_dir
 from trainer.names import check_name
 from trainer.service.store import DatasetRecord, Store, new_id
 from trainer.service.usage import Quotas, UsageMeter
+
+log = logging.getLogger(__name__)
 
 
 class DatasetIngest:
@@ -43,7 +48,9 @@ class DatasetIngest:
         min_examples: int,
         meter: UsageMeter,
         quotas: Quotas,
+        files: JobFiles | None = None,
     ) -> None:
+        self.files = files or LocalJobFiles(layout)
         self.store = store
         self.layout = layout
         self.max_bytes = max_bytes
@@ -105,6 +112,11 @@ class DatasetIngest:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        try:  # where a worker on another host reads it (nothing to do on one host)
+            await asyncio.to_thread(self.files.keep_dataset, hexdigest)
+        except Exception:
+            self._collect(hexdigest)  # not recorded: the upload did not happen
+            raise
         rec = DatasetRecord(
             id=new_id("ds"),
             tenant=tenant,
@@ -151,3 +163,7 @@ class DatasetIngest:
         if not self.store.sha256_in_use(sha256):
             with contextlib.suppress(FileNotFoundError):
                 self.layout.dataset_file(sha256).unlink()
+            try:
+                self.files.forget_dataset(sha256)
+            except Unavailable as e:  # the record is gone; the copy left is only space
+                log.warning("dataset %s stays in object storage: %s", sha256, e)

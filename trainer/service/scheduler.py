@@ -25,6 +25,7 @@ from trainer.config import JobConfig, JobSpec
 from trainer.data.report import Report
 from trainer.errors import Unavailable
 from trainer.events import USER, Checkpoint, DatasetReport, Done, Failed, Progress, State
+from trainer.job_files import JobFiles, LocalJobFiles
 from trainer.layout import JobFolder, Layout, write_atomic
 from trainer.service import curves
 from trainer.service.publish import AdapterRejected, AdapterStorageDown, Publisher
@@ -72,6 +73,8 @@ class _Running:
     cancelled: bool = False
     fenced: bool = False  # another claim (or a cancel) took the job: write nothing more
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    saved_step: int = 0  # the newest checkpoint the run saved
+    keeper: asyncio.Task[None] | None = field(default=None, repr=False)  # uploads them
 
 
 def job_spec(
@@ -138,7 +141,9 @@ class Scheduler:
         lease_s: float,
         publish_wait_s: float,
         memory_budget_bytes: int = 0,
+        files: JobFiles | None = None,
     ) -> None:
+        self.files = files or LocalJobFiles(layout)
         self.keep_checkpoints = keep_checkpoints
         self.publish_wait_s = publish_wait_s
         self.memory_budget_bytes = memory_budget_bytes  # 0: none set
@@ -282,6 +287,13 @@ class Scheduler:
                     await self._launch(job, slot)
                 except Fenced:
                     log.warning("job %s was taken over before it started here", job.id)
+                except Unavailable as e:  # its files are in storage that did not answer
+                    log.warning("job %s could not start: %s; queued again", job.id, e)
+                    with contextlib.suppress(Fenced):
+                        self._write(job, state=JobState.QUEUED, pid=None)
+                        await self._event(job, JobState.QUEUED, "object storage did not "
+                                          "answer while the job started; queued again")  # fmt: skip
+                    break  # the queue is tried again in a while, not at once
                 except Exception as e:  # a broken job must not stop the queue
                     log.exception("could not start job %s", job.id)
                     with contextlib.suppress(Fenced):
@@ -326,6 +338,9 @@ class Scheduler:
                 ErrorKind.USER,
             )
             return
+        for sha256 in (job.dataset_sha256, job.validation_sha256):
+            if sha256:  # on this host already, or fetched from where the front-end kept it
+                await asyncio.to_thread(self.files.dataset, sha256)
         resumed = await asyncio.to_thread(self._seed, job, folder)
         spec = job_spec(self.store, self.layout, job, base_path, self.memory_budget_bytes)
         write_atomic(folder.spec, json.dumps(spec.to_dict(), indent=2).encode())
@@ -349,10 +364,14 @@ class Scheduler:
 
     def _seed(self, job: JobRecord, folder: JobFolder) -> str:
         """A later attempt starts from the newest checkpoint an earlier one left, linked
-        into its own folder (checkpoints are never written again once whole); its name."""
+        into its own folder (checkpoints are never written again once whole), or fetched
+        from object storage where that one is newer (an attempt on another host); its name."""
         if job.attempt <= 1 or job.kind != JobKind.FINE_TUNE:
             return ""
         ckpt = self.layout.resume_point(job.id)
+        kept = self.files.newest_checkpoint(job.id)
+        if kept is not None and (ckpt is None or kept.step > _step(ckpt)):
+            return self.files.fetch_checkpoint(job.id, kept, folder.checkpoints).name
         if ckpt is None or ckpt.parent == folder.checkpoints:
             return ckpt.name if ckpt else ""
         target = folder.checkpoints / ckpt.name
@@ -384,11 +403,15 @@ class Scheduler:
                         await self._event(job, state, Report.from_dict(ev.report).summary())
                     case Checkpoint():
                         await self._event(job, state, f"checkpoint saved at step {ev.step}")
+                        if self.files.shared:
+                            self._keep_checkpoint(run, ev.step)
                     case Done():
                         metrics = ev.metrics
                     case Failed():
                         error = ev
             rc = await run.run.wait()
+            if run.keeper is not None:  # its last upload ends before the job does
+                await asyncio.gather(run.keeper, return_exceptions=True)
             if not run.fenced:
                 await self._conclude(run, rc, metrics, error)
         except asyncio.CancelledError:
@@ -406,6 +429,29 @@ class Scheduler:
             if self._running.get(job.id) is run:
                 self._running.pop(job.id)
             self.wake()
+
+    def _keep_checkpoint(self, run: _Running, step: int) -> None:
+        """Upload the run's newest checkpoint in the background, one at a time: a
+        checkpoint saved while another uploads is the next one kept (those between are
+        skipped; the Trainer may have removed them already)."""
+        run.saved_step = step
+        if run.keeper is None or run.keeper.done():
+            run.keeper = asyncio.create_task(self._keeper(run), name=f"keep-{run.job.id}")
+
+    async def _keeper(self, run: _Running) -> None:
+        job, kept = run.job, 0
+        folder = self.layout.attempt(job.id, job.attempt)
+        while run.saved_step > kept and not run.fenced:
+            kept = run.saved_step
+            ckpt = folder.checkpoints / f"checkpoint-{kept}"
+            try:
+                await asyncio.to_thread(self.files.keep_checkpoint, job.id, job.attempt, ckpt)
+                message = f"checkpoint-{kept} kept in object storage"
+                await self._event(job, JobState.RUNNING, message)
+            except (Unavailable, OSError) as e:  # the next checkpoint tries again
+                log.warning("job %s: checkpoint-%d not kept: %s", job.id, kept, e)
+            except Fenced:
+                return
 
     async def _conclude(
         self, run: _Running, rc: int, metrics: dict[str, Any] | None, error: Failed | None
@@ -489,6 +535,10 @@ class Scheduler:
         if not self.keep_checkpoints:  # the published version is what is kept
             for attempt in self.layout.attempts(job.id):
                 await asyncio.to_thread(shutil.rmtree, attempt.checkpoints, True)
+            try:
+                await asyncio.to_thread(self.files.forget_job, job.id)
+            except Unavailable as e:  # the job is done: what is left is only space
+                log.warning("job %s: its kept checkpoints stay in object storage: %s", job.id, e)
         await self.publisher.sweep()
 
     async def _publish_failed(self, job: JobRecord, reason: str, error: Exception) -> None:
@@ -558,3 +608,7 @@ def _kill_group_of(pid: int, job_id: str) -> None:
     if any(w in cmdline for w in workers) and job_id.encode() in cmdline:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from finetune.v1 import trainer_pb2, trainer_pb2_grpc
 from trainer.config import ServiceConfig
+from trainer.job_files import job_files_from_url
 from trainer.layout import Layout
 from trainer.memory import MemoryBudget
 from trainer.object_store import adapter_store_from_url
@@ -75,6 +76,7 @@ async def serve(
     bus = EventBus()
     adapters = adapter_store_from_url(cfg.adapter_store, layout, layout.adapter_cache)
     publisher = Publisher(adapters, store, cfg.max_lora_rank, _loader(cfg))
+    files = job_files_from_url(cfg.job_files, layout)
     budget = MemoryBudget.detect(cfg.gpu_memory_budget)
     if cfg.gpu_memory_budget is not None and budget is None:
         log.warning("no GPU found: the memory budget of %s is not checked", cfg.gpu_memory_budget)
@@ -90,6 +92,7 @@ async def serve(
         lease_s=cfg.lease_seconds,
         publish_wait_s=cfg.publish_wait_seconds,
         memory_budget_bytes=budget.bytes if budget else 0,
+        files=files,
     )
     meter = UsageMeter(store, adapters)
     quotas = Quotas(cfg.max_queued_jobs, cfg.max_stored_bytes)
@@ -105,7 +108,9 @@ async def serve(
         meter,
         quotas,
     )
-    datasets = DatasetIngest(store, layout, cfg.max_upload_bytes, cfg.min_examples, meter, quotas)
+    datasets = DatasetIngest(
+        store, layout, cfg.max_upload_bytes, cfg.min_examples, meter, quotas, files
+    )
 
     server = grpc.aio.server(
         interceptors=[
