@@ -112,7 +112,7 @@ def test_racing_publishers_each_get_a_whole_version_of_their_own(
 
 
 def test_a_crashed_publish_is_never_listed_or_served_and_blocks_nothing(
-    store: S3AdapterStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: S3AdapterStore, s3_bucket: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.publish("acme", "bot", _adapter(tmp_path / "one", b"one"), {"job_id": "j1"})
     put = store.s3.put
@@ -137,6 +137,18 @@ def test_a_crashed_publish_is_never_listed_or_served_and_blocks_nothing(
     v = store.publish("acme", "bot", _adapter(tmp_path / "two2", b"two"), {"job_id": "j2"})
     assert v == "v0003" and store.versions("acme", "bot") == ["v0001", "v0003"]
     assert store.current("acme", "bot") == "v0003"
+    # The service's start sweeps what the crash left once it is an hour old (a younger one
+    # may be another host's publish still going on): the files go, the claim stays.
+    left = ["acme/bot/v0002/.claim", "acme/bot/v0002/adapter_config.json",
+            "acme/bot/v0002/adapter_model.safetensors"]  # fmt: skip
+    assert store.sweep_unfinished() == [] and [k for k in _keys(s3_bucket) if "v0002" in k] == left
+    assert store.sweep_unfinished(older_than_s=0) == ["acme/bot/v0002"]
+    assert [k for k in _keys(s3_bucket) if "v0002" in k] == ["acme/bot/v0002/.claim"]
+    assert store.versions("acme", "bot") == ["v0001", "v0003"]  # whole versions untouched
+    assert store.fetch("acme", "bot", "v0001") is not None
+    assert store.sweep_unfinished(older_than_s=0) == []  # a removed version is not unfinished
+    v = store.publish("acme", "bot", _adapter(tmp_path / "four", b"four"), {"job_id": "j4"})
+    assert v == "v0004"  # the swept number is never taken again
 
 
 def test_fetch_is_atomic_verified_and_reused(

@@ -80,6 +80,10 @@ class AdapterStore(Protocol):
         """A local folder holding ``version`` whole, for vLLM to read, or None."""
         ...
 
+    def sweep_unfinished(self, older_than_s: float = 3600) -> list[str]:
+        """Remove what publishes that died half-way left; return the versions swept."""
+        ...
+
     def unpublish(self, tenant: str, adapter: str) -> None:
         """The name stops resolving (its versions stay until ``remove``)."""
         ...
@@ -210,6 +214,9 @@ class LocalAdapterStore:
         except OSError:
             return None
         return path
+
+    def sweep_unfinished(self, older_than_s: float = 3600) -> list[str]:
+        return []  # a local publish stages beside its place: ``Layout.sweep`` removes those
 
     def unpublish(self, tenant: str, adapter: str) -> None:
         with contextlib.suppress(FileNotFoundError):

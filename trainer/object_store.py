@@ -12,7 +12,8 @@ Every object of a version is created once (``If-None-Match: *``; the server refu
 second write), so a version never changes once named. The ``.claim`` decides a race: two
 publishers that chose the same number both try to create it, and the loser takes the next
 number before it wrote anything. A version without ``manifest.json`` (a publish that
-crashed) is never listed or served; its number stays taken, as does a removed version's
+crashed) is never listed or served, and the trainer's start removes its files once they
+are an hour old (``sweep_unfinished``); its number stays taken, as does a removed version's
 (its claim is kept), so a number never names two versions. Pointers move last, as on the
 local volume. Deleting takes the manifest away first, so readers see a version whole or
 not at all.
@@ -229,6 +230,28 @@ class S3AdapterStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return folder if _cached_id(folder) == publish_id else None
+
+    def sweep_unfinished(self, older_than_s: float = 3600) -> list[str]:
+        """Remove the files of versions a killed publisher left without a manifest, once
+        they are ``older_than_s`` old (younger ones may be a publish still going on, on
+        another host); their claims stay, so the numbers are never taken again. Returns
+        ``<tenant>/<adapter>/<version>`` of each version swept."""
+        cutoff = time.time() - older_than_s
+        found: dict[str, tuple[list[str], bool, float]] = {}
+        for obj in self.s3.objects(self.prefix):
+            parts = obj["Key"][len(self.prefix) :].split("/")
+            if len(parts) != 4 or not VERSION_RE.fullmatch(parts[2]):
+                continue
+            keys, whole, newest = found.get("/".join(parts[:3]), ([], False, 0.0))
+            if parts[3] != CLAIM:
+                keys.append(obj["Key"])
+            newest = max(newest, obj["LastModified"].timestamp())
+            found["/".join(parts[:3])] = (keys, whole or parts[3] == MANIFEST, newest)
+        swept = [v for v, (keys, whole, newest) in found.items()
+                 if keys and not whole and newest < cutoff]  # fmt: skip
+        for version in swept:
+            self.s3.delete(found[version][0])
+        return sorted(swept)
 
     def unpublish(self, tenant: str, adapter: str) -> None:
         self.s3.delete([self._key(tenant, adapter, name=CURRENT)])

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from finetune.v1 import trainer_pb2, trainer_pb2_grpc
 from trainer.config import ServiceConfig
+from trainer.errors import Unavailable
 from trainer.job_files import job_files_from_url
 from trainer.layout import Layout
 from trainer.memory import MemoryBudget
@@ -77,6 +78,11 @@ async def serve(
     adapters = adapter_store_from_url(cfg.adapter_store, layout, layout.adapter_cache)
     publisher = Publisher(adapters, store, cfg.max_lora_rank, _loader(cfg))
     files = job_files_from_url(cfg.job_files, layout)
+    try:  # versions a killed publisher (here or on another host) left without a manifest
+        if swept := await asyncio.to_thread(adapters.sweep_unfinished):
+            log.warning("removed the files of %d unfinished version(s): %s", len(swept), swept)
+    except Unavailable as e:  # storage down at start: the next start sweeps them
+        log.warning("unfinished versions not swept: %s", e)
     budget = MemoryBudget.detect(cfg.gpu_memory_budget)
     if cfg.gpu_memory_budget is not None and budget is None:
         log.warning("no GPU found: the memory budget of %s is not checked", cfg.gpu_memory_budget)
