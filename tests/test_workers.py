@@ -97,6 +97,7 @@ def test_a_job_moves_to_a_host_that_shares_no_volume(
     b = _service(data_b, tiny_model_dir, postgres_dsn, "host-b", stores)
     try:
         a.stop(signal.SIGKILL)
+        data_a.rename(tmp_path / "a-gone")  # nothing of A's is where B could reach it
         with b.client(key) as c:
             done = c.wait(job_id, 600)
             assert done.state == pb.JOB_STATE_SUCCEEDED, (done.error_message, b.log()[-3000:])
@@ -121,7 +122,7 @@ def test_a_job_moves_to_a_host_that_shares_no_volume(
 
     # Host C: a vLLM replica with the same adapter store serves what B trained.
     data_c = Layout(tmp_path / "c").create()
-    shutil.copy(Layout(data_a).tenants_file, data_c.tenants_file)
+    shutil.copy(Layout(data_b).tenants_file, data_c.tenants_file)
     adapters = {"FINETUNE_ADAPTER_STORE": f"s3://{s3_bucket.bucket}/adapters"}
     replica = VllmServer(model=tiny_model_dir, data_dir=data_c.root, env=adapters).start()
     try:
