@@ -19,6 +19,10 @@ ENV_DATA_DIR = "FINETUNE_DATA_DIR"
 ENV_TENANTS_FILE = "FINETUNE_TENANTS_FILE"
 """Tenants and key hashes (default ``DATA/tenants.json``), read by the middleware."""
 
+ENV_TENANTS_STORE = "FINETUNE_TENANTS_STORE"
+"""Tenants in object storage (``s3://BUCKET/PREFIX``) in place of the file, for hosts
+that share no volume; the trainer's ``--tenants-store``."""
+
 ENV_BASE_MODEL = "FINETUNE_BASE_MODEL"
 """The base model's served name (``--served-model-name``)."""
 

@@ -23,7 +23,14 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, ENV_TENANTS_FILE, lora_configs
+from server import (
+    ENV_BASE_MODEL,
+    ENV_DATA_DIR,
+    ENV_MODEL_PATH,
+    ENV_TENANTS_FILE,
+    ENV_TENANTS_STORE,
+    lora_configs,
+)
 from server.adapters import CACHE_DIR, ENV_ADAPTER_STORE
 from trainer.config import VLLM_LORA_RANKS, ServiceConfig
 from trainer.layout import Layout
@@ -88,6 +95,14 @@ class ServerConfig:
         metadata={
             "help": "Tenants and key hashes (default DATA/tenants.json).",
             "env": ENV_TENANTS_FILE,
+        },
+    )
+    tenants_store: str = field(
+        default=ServiceConfig.tenants_store,  # the trainer's: both sides read one store
+        metadata={
+            "help": "Tenants in object storage, s3://BUCKET/PREFIX, as the trainer's "
+            "--tenants-store (empty: the tenants file).",
+            "env": ENV_TENANTS_STORE,
         },
     )
     host: str = field(
@@ -208,6 +223,7 @@ def build_env(cfg: ServerConfig, base: dict[str, str] | None = None) -> dict[str
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
             ENV_DATA_DIR: str(cfg.data_dir.resolve()),
             ENV_TENANTS_FILE: str(cfg.tenants_file.resolve()) if cfg.tenants_file else "",
+            ENV_TENANTS_STORE: cfg.tenants_store,
             ENV_BASE_MODEL: cfg.served_model_name,
             ENV_MODEL_PATH: cfg.model,
             ENV_ADAPTER_STORE: cfg.adapter_store,

@@ -37,12 +37,18 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from server import ENV_BASE_MODEL, ENV_DATA_DIR, ENV_MODEL_PATH, ENV_TENANTS_FILE
+from server import (
+    ENV_BASE_MODEL,
+    ENV_DATA_DIR,
+    ENV_MODEL_PATH,
+    ENV_TENANTS_FILE,
+    ENV_TENANTS_STORE,
+)
 from server.adapters import find, list_published, open_store
 from trainer.errors import Unavailable
 from trainer.layout import Layout
 from trainer.names import ServedName, parse_served_name
-from trainer.tenants import Tenant, TenantRegistry
+from trainer.tenants import Tenant, tenant_registry
 
 # Under "vllm.": these run inside vLLM, whose logging setup then shows our lines too.
 log = logging.getLogger("vllm.finetune.middleware")
@@ -103,11 +109,12 @@ def bearer_key(scope: Scope) -> str:
     return ""
 
 
-async def storage_down(send: Send, error: Unavailable) -> None:
-    """503 for an adapter store that did not answer (object storage down): the client may
-    retry, unlike a 404. The reason names the storage's endpoint, so it goes to the log."""
-    log.error("adapter storage did not answer: %s", error)
-    msg = "Adapter storage did not answer; retry later."
+async def storage_down(send: Send, error: Unavailable, what: str = "adapter") -> None:
+    """503 for an adapter (or tenant) store that did not answer (object storage down): the
+    client may retry, unlike a 404 or a 401. The reason names the storage's endpoint, so it
+    goes to the log."""
+    log.error("%s storage did not answer: %s", what, error)
+    msg = f"{what.capitalize()} storage did not answer; retry later."
     body = error_body(msg, "ServiceUnavailableError", 503)
     await send_json(send, 503, body, [(b"retry-after", b"5")])
 
@@ -169,7 +176,8 @@ class TenantMiddleware:
         if not base:
             raise RuntimeError(f"TenantMiddleware needs {ENV_BASE_MODEL}")
         self.base_model: str = base
-        self.registry = TenantRegistry(Path(tenants_file))
+        store = os.environ.get(ENV_TENANTS_STORE, "")
+        self.registry = tenant_registry(Path(tenants_file), store)
         self.adapters = open_store(Path(data_dir)) if data_dir else None
         self.max_body_bytes = max_body_bytes
         self._described = False
@@ -192,7 +200,10 @@ class TenantMiddleware:
         log.info("finetune route policy: %s", json.dumps(rows, separators=(",", ":")))
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        tenant = self.registry.authenticate(bearer_key(scope))
+        try:
+            tenant = self.registry.authenticate(bearer_key(scope))
+        except Unavailable:  # the tenants' storage: refused like a bad key, closed
+            tenant = None
         if tenant is not None and tenant.admin:
             await self.app(scope, receive, send)
             return
@@ -204,7 +215,11 @@ class TenantMiddleware:
         if route in PUBLIC_ROUTES:
             await self.app(scope, receive, send)
             return
-        tenant = self.registry.authenticate(bearer_key(scope))
+        try:
+            tenant = self.registry.authenticate(bearer_key(scope))
+        except Unavailable as e:  # the tenants are in storage that never answered yet
+            await storage_down(send, e, "tenant")
+            return
         if tenant is None:
             body = error_body("Missing or invalid API key.", "AuthenticationError", 401)
             await send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])

@@ -59,6 +59,7 @@ OPTIONAL_ENV = {
     "FINETUNE_S3_ENDPOINT_URL": "only with an s3:// adapter store (else AWS_ENDPOINT_URL, AWS)",
     "FINETUNE_JOB_STORE": "empty by default: SQLite in DATA; PostgreSQL for several hosts",
     "FINETUNE_JOB_FILES": "empty by default: datasets and checkpoints in DATA",
+    "FINETUNE_TENANTS_STORE": "empty by default: the tenants file",
     "FINETUNE_MAX_QUEUED_JOBS": "a default of 20 unfinished jobs per tenant",
     "FINETUNE_MAX_STORED_BYTES": "a default of 100 GiB per tenant",
     "FINETUNE_KEEP_CHECKPOINTS": "off by default: checkpoints go once the adapter is published",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 
 import openai
@@ -82,15 +81,15 @@ def test_a_job_moves_to_a_host_that_shares_no_volume(
 ):
     """Host A receives the dataset and starts the job, and dies; host B finishes it from
     what object storage holds; a vLLM replica on host C serves the adapter from there.
-    Each host has DATA of its own; the tenants file is copied (docs/scale.md)."""
+    Each host has DATA of its own; tenants, job files and adapters are in S3."""
     for name, value in s3_bucket.env().items():
         monkeypatch.setenv(name, value)  # the services inherit the endpoint and keys
+    # The CLI, the services and vLLM's middleware all read the tenants from there.
+    monkeypatch.setenv("FINETUNE_TENANTS_STORE", f"s3://{s3_bucket.bucket}/ops")
     stores = ["--adapter-store", f"s3://{s3_bucket.bucket}/adapters",
               "--job-files", f"s3://{s3_bucket.bucket}/files"]  # fmt: skip
     data_a, data_b = tmp_path / "a", tmp_path / "b"
     key = add_tenant(data_a, "acme")
-    data_b.mkdir()
-    shutil.copy(Layout(data_a).tenants_file, Layout(data_b).tenants_file)  # all they share
     a = _service(data_a, tiny_model_dir, postgres_dsn, "host-a", stores)
     # A's run has kept a checkpoint in object storage when A dies.
     job_id = _start_job(a, key, tmp_path, "moved", until="kept in object storage")
@@ -110,6 +109,7 @@ def test_a_job_moves_to_a_host_that_shares_no_volume(
         b.stop()
     # B had nothing of A's on its volume: it fetched the dataset and the checkpoint.
     layout_b = Layout(data_b)
+    assert not layout_b.tenants_file.exists()  # and no tenants file on either
     assert len(list(layout_b.datasets.iterdir())) == 1
     assert not layout_b.attempt(job_id, 1).spec.exists()  # attempt 1 ran on A only
     assert layout_b.attempt(job_id, 2).spec.exists()
@@ -122,7 +122,6 @@ def test_a_job_moves_to_a_host_that_shares_no_volume(
 
     # Host C: a vLLM replica with the same adapter store serves what B trained.
     data_c = Layout(tmp_path / "c").create()
-    shutil.copy(Layout(data_b).tenants_file, data_c.tenants_file)
     adapters = {"FINETUNE_ADAPTER_STORE": f"s3://{s3_bucket.bucket}/adapters"}
     replica = VllmServer(model=tiny_model_dir, data_dir=data_c.root, env=adapters).start()
     try:
@@ -135,6 +134,7 @@ def test_a_job_moves_to_a_host_that_shares_no_volume(
     finally:
         replica.stop()
     assert (data_c.adapter_cache / "acme" / "moved" / "v0001" / "adapter_config.json").exists()
+    assert not data_c.tenants_file.exists()
 
 
 def test_a_paused_service_finds_its_job_taken_and_writes_nothing_more(

@@ -338,6 +338,16 @@ class ServiceConfig:
             "env": "FINETUNE_TENANTS_FILE",
         },
     )
+    tenants_store: str = field(
+        default="",
+        metadata={
+            "help": "Where tenants and key hashes live when hosts share no volume: "
+            "s3://BUCKET/PREFIX (endpoint and credentials as for --adapter-store), read by "
+            "every trainer and replica and refreshed every 5 s; empty: the tenants file.",
+            "env": "FINETUNE_TENANTS_STORE",
+            "metavar": "URL",
+        },
+    )
     max_upload_bytes: int = field(
         default=1 << 30,
         metadata={"help": "Largest accepted upload.", "env": "FINETUNE_MAX_UPLOAD_BYTES"},

@@ -56,7 +56,7 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 # ---------------------------------------------------------------- the parser
 # The volume's flags, for `serve` and for the commands that work on the volume directly.
-VOLUME_FIELDS = ("data_dir", "tenants_file")
+VOLUME_FIELDS = ("data_dir", "tenants_file", "tenants_store")
 
 
 def _service_args(p: argparse.ArgumentParser) -> None:
@@ -351,11 +351,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tenant(args: argparse.Namespace) -> int:
-    from trainer.tenants import TenantRegistry
+    from trainer.tenants import tenant_registry
 
-    tenants_file = service_config(args, only=VOLUME_FIELDS).tenants_file
-    assert tenants_file is not None  # ServiceConfig puts it in the data dir when unset
-    reg = TenantRegistry(tenants_file)
+    cfg = service_config(args, only=VOLUME_FIELDS)
+    reg = tenant_registry(cfg.tenants_file, cfg.tenants_store)
     if args.action == "add":
         key = reg.add(args.name, admin=args.admin)
         print(key)

@@ -30,7 +30,7 @@ from trainer.service.servicer import STATUS, TrainerServicer
 from trainer.service.store import SqliteStore, Store
 from trainer.service.usage import Quotas, UsageCollector, UsageMeter
 from trainer.service.wire import DecodeGuard
-from trainer.tenants import TenantRegistry
+from trainer.tenants import tenant_registry
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ async def serve(
     # Job transitions are logged, curves recorded and ended jobs counted as events are stored.
     store.listen(JobObserver(store, layout, on_end=metrics.job_ended))
     assert cfg.tenants_file is not None
-    tenants = TenantRegistry(cfg.tenants_file)
+    tenants = tenant_registry(cfg.tenants_file, cfg.tenants_store)
     auth = Authenticator(tenants)
     bus = EventBus()
     adapters = adapter_store_from_url(cfg.adapter_store, layout, layout.adapter_cache)
