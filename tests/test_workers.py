@@ -95,6 +95,9 @@ def test_a_job_moves_to_a_host_that_shares_no_volume(
     job_id = _start_job(a, key, tmp_path, "moved", until="kept in object storage")
     b = _service(data_b, tiny_model_dir, postgres_dsn, "host-b", stores)
     try:
+        with b.client(key) as c:  # a dataset A received, validated through B
+            dataset_id = c.get_job(job_id).dataset_id
+            assert c.validate_dataset(dataset_id, "tiny").examples == 32
         a.stop(signal.SIGKILL)
         data_a.rename(tmp_path / "a-gone")  # nothing of A's is where B could reach it
         with b.client(key) as c:

@@ -226,6 +226,7 @@ class Jobs:
     async def _validate(self, tenant: str, draft: JobRecord) -> Report:
         base_model = draft.base_model
         layout = self.scheduler.layout
+        await self.scheduler.fetch_datasets(draft)  # uploaded through another front-end
         spec = job_spec(self.store, layout, draft, self.base_models[base_model])
         spec_file, log_file = (layout.tmp / f"validate-{draft.id}.{x}" for x in ("json", "log"))
         write_atomic(spec_file, json.dumps(spec.to_dict()).encode())

@@ -338,9 +338,7 @@ class Scheduler:
                 ErrorKind.USER,
             )
             return
-        for sha256 in (job.dataset_sha256, job.validation_sha256):
-            if sha256:  # on this host already, or fetched from where the front-end kept it
-                await asyncio.to_thread(self.files.dataset, sha256)
+        await self.fetch_datasets(job)
         resumed = await asyncio.to_thread(self._seed, job, folder)
         spec = job_spec(self.store, self.layout, job, base_path, self.memory_budget_bytes)
         write_atomic(folder.spec, json.dumps(spec.to_dict(), indent=2).encode())
@@ -361,6 +359,13 @@ class Scheduler:
             self._kill(running)
             raise
         running.task = asyncio.create_task(self._supervise(running), name=f"job-{job.id}")
+
+    async def fetch_datasets(self, job: JobRecord) -> None:
+        """The job's datasets on this host: here already, or fetched from where the
+        front-end that received them kept them (``--job-files``)."""
+        for sha256 in (job.dataset_sha256, job.validation_sha256):
+            if sha256:
+                await asyncio.to_thread(self.files.dataset, sha256)
 
     def _seed(self, job: JobRecord, folder: JobFolder) -> str:
         """A later attempt starts from the newest checkpoint an earlier one left, linked
