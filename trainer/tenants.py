@@ -118,6 +118,7 @@ class TenantObjects:
             o["Key"]: o["ETag"] for o in self.s3.objects(self.prefix) if o["Key"].endswith(".json")
         }
         if self._loaded and listed == self._etags:
+            self._error = None  # answered: a later outage is logged again
             return
         records, etags = {}, {}
         for key, etag in listed.items():
