@@ -8,6 +8,11 @@ another example: on CUDA through PyTorch's own FlashAttention-2 varlen kernels (
 package, no hub kernel), elsewhere one causal SDPA call per example. A real workload (most
 examples a few hundred tokens) then keeps the GPU as busy as full 2048-token rows.
 
+**Equal examples.** Where every example of the batch has the same length (rows that hold
+one example each: long documents cut to the sequence length) no ragged layout is needed:
+one dense causal SDPA call over (examples, heads, length, dim) views (``dense_causal``),
+through the first of ``DENSE_BACKENDS`` that takes the shape.
+
 **Attention replay.** In an offloaded checkpoint's forward (``trainer.fastpath.checkpoint``)
 each layer's attention parks its inputs, output and log-sum-exp in host memory beside the
 layer input (``trainer.fastpath.parking``; 5 GiB a micro-step at 8B x 8192 tokens, over the
@@ -23,10 +28,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.fastpath import parking
 
 ATTN_IMPLEMENTATION = "fastpath_varlen"
+
+# Dense causal attention, first choice first (bench/attention_kernels.py --dense); every
+# backend is listed, so a shape the first ones refuse still runs.
+DENSE_BACKENDS = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -101,6 +116,29 @@ def per_example_sdpa(q, k, v, cu, scale):
     return torch.cat(outs, dim=1)  # (heads, total, head_dim)
 
 
+def equal_examples(cu: torch.Tensor, max_len: int, tokens: int) -> int:
+    """How many examples ``cu`` holds if all are ``max_len`` long, else 0 (no device sync:
+    the lengths sum to ``tokens`` and none exceeds ``max_len``)."""
+    n = cu.numel() - 1
+    return n if n * max_len == tokens else 0
+
+
+def dense_causal(query, key, value, examples: int, scale):
+    """Causal attention over ``examples`` equal examples laid end to end.
+
+    (batch, heads, seq, dim) in, (batch, seq, heads, dim) out, as ``varlen_attention_forward``.
+    """
+    b, h, s, d = query.shape
+    length = b * s // examples
+    q, k, v = (
+        t.transpose(1, 2).reshape(examples, length, t.shape[1], d).transpose(1, 2)
+        for t in (query, key, value)
+    )
+    with sdpa_kernel(DENSE_BACKENDS, set_priority=True):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).reshape(b, s, h, d)
+
+
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -128,11 +166,18 @@ def varlen_attention_forward(
         out = AttentionReplay.apply(query, key, value, cu, int(max_len), scaling, meta, *parked)
         return out, None
     current = parking.LAST["current"]
-    park = current is not None and getattr(module, "_fastpath_replay", False)
+    park = (
+        current is not None
+        and getattr(module, "_fastpath_replay", False)
+        and not torch.is_grad_enabled()
+    )
+    examples = equal_examples(cu, int(max_len), b * s)
+    if examples and not park:  # a parked forward keeps FlashAttention's log-sum-exp
+        return dense_causal(query, key, value, examples, scaling), None
     if flash:
         q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
         cu32 = cu.to(torch.int32)
-        if park and not torch.is_grad_enabled():
+        if park:
             out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
                 q, k, v, cu32, cu32, int(max_len), int(max_len), 0.0, True, False, scale=scaling
             )
@@ -142,7 +187,7 @@ def varlen_attention_forward(
         return out.view(b, s, h, d), None
     q, k, v = (t.transpose(0, 1).reshape(t.shape[1], b * s, d) for t in (query, key, value))
     out = per_example_sdpa(q, k, v, cu, scaling)
-    if park and not torch.is_grad_enabled():
+    if park:
         current.add_replay((q, k, v, out), ("sdpa", b, s, None, None))
     return out.transpose(0, 1).reshape(b, s, h, d), None
 
