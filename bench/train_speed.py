@@ -546,8 +546,9 @@ def apply_variant(model, variant: str):
     ``fastpath.lora_first`` says),
     ``-draw4`` (the dropout kernels draw 4 elements a Philox call, not 8) and
     ``-bnbdequant`` (NF4 weights dequantised by bitsandbytes' kernels, not
-    ``kernels.dequantize_nf4``) turn one piece off each; ``-rounds7`` runs Philox with
-    7 rounds, not 10; ``-drop0`` sets LoRA dropout to 0.
+    ``kernels.dequantize_nf4``) and ``-nodense`` (rows of equal examples through varlen
+    FlashAttention 2, not one dense cuDNN call) turn one piece off each; ``-rounds7`` runs
+    Philox with 7 rounds, not 10; ``-drop0`` sets LoRA dropout to 0.
     """
     import sys
 
@@ -556,12 +557,13 @@ def apply_variant(model, variant: str):
     from peft.tuners.lora import LoraLayer
 
     from trainer import fastpath
-    from trainer.fastpath import checkpoint, elementwise, kernels, lora
+    from trainer.fastpath import attention, checkpoint, elementwise, kernels, lora
 
     flags = set(variant.split("-")[1:])
     kernels.DRAWS_PER_CALL = 4 if "draw4" in flags else 8
     kernels.PHILOX_ROUNDS = 7 if "rounds7" in flags else 10
     kernels.FUSED_NF4 = "bnbdequant" not in flags
+    attention.DENSE_EQUAL = "nodense" not in flags
     base = model.get_base_model()
     pack = "nopack" not in flags
     base.set_attn_implementation(fastpath.ATTN_IMPLEMENTATION if pack else "sdpa")

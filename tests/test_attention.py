@@ -73,6 +73,19 @@ def test_the_forward_goes_dense_only_for_equal_examples(lengths, dense, monkeypa
     torch.testing.assert_close(out, _per_example(q, k, v, cu, 0.3), rtol=0, atol=1e-6)
 
 
+def test_the_switch_sends_equal_examples_through_varlen(monkeypatch) -> None:
+    """``DENSE_EQUAL`` off (the bench's ``-nodense``): equal examples take the varlen path,
+    with the same answer."""
+    monkeypatch.setattr(attention, "DENSE_EQUAL", False)
+    monkeypatch.setattr(attention, "dense_causal", lambda *a: pytest.fail("went dense"))
+    q, k, v = _qkv(96, 4, 2, 8, torch.float32, seed=2)
+    cu = torch.tensor([0, 32, 64, 96])
+    out, _ = attention.varlen_attention_forward(
+        torch.nn.Module(), q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=32
+    )
+    torch.testing.assert_close(out, _per_example(q, k, v, cu, 0.3), rtol=0, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", [(32, 8), (28, 4)])  # Llama 3.1 8B's heads, Qwen 2.5 7B's

@@ -42,6 +42,9 @@ DENSE_BACKENDS = [
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.MATH,
 ]
+# Equal examples take ``dense_causal`` (False: varlen like any other batch, the A/B that
+# ``bench/train_speed.py``'s ``-nodense`` variant measures end to end).
+DENSE_EQUAL = True
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -171,7 +174,7 @@ def varlen_attention_forward(
         and getattr(module, "_fastpath_replay", False)
         and not torch.is_grad_enabled()
     )
-    examples = equal_examples(cu, int(max_len), b * s)
+    examples = equal_examples(cu, int(max_len), b * s) if DENSE_EQUAL else 0
     if examples and not park:  # a parked forward keeps FlashAttention's log-sum-exp
         return dense_causal(query, key, value, examples, scaling), None
     if flash:
