@@ -105,8 +105,10 @@ def cluster(
             r.stop()
 
 
-def _complete(c: Cluster, model: str, prompt: str, max_tokens: int = 4) -> str:
-    out = c.client(c.key_of(model)).completions.create(
+def _complete(
+    c: Cluster, model: str, prompt: str, max_tokens: int = 4, client: openai.OpenAI | None = None
+) -> str:
+    out = (client or c.client(c.key_of(model))).completions.create(
         model=model,
         prompt=prompt,
         max_tokens=max_tokens,
@@ -220,9 +222,18 @@ def test_replica_killed_requests_fail_over(cluster: Cluster) -> None:
 
     time.sleep(0.2)  # the last request logged
     logged = len(cluster.router.requests())
-    # Requests in flight on the victim when it dies (long enough to be cut off).
+    # Requests in flight on the victim when it dies (long enough to be cut off), sent at
+    # once through one client made beforehand. With a client made in each thread, one of
+    # the four was sent 7-14 s after the others in CI runs (one thread took 13 s to make
+    # its client, seen here), so the first ones had finished before all four ran.
+    client, start = cluster.client(cluster.key_of(model)), threading.Barrier(4)
+
+    def in_flight(prompt: str) -> str:
+        start.wait(timeout=30)
+        return _complete(cluster, model, prompt, 2000, client)
+
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        inflight = [pool.submit(_complete, cluster, model, p, 2000) for p in PROMPTS[:4]]
+        inflight = [pool.submit(in_flight, p) for p in PROMPTS[:4]]
         _wait_running(cluster.replicas[victim], cluster.keys.admin, len(inflight))
         proc = cluster.replicas[victim].proc
         assert proc is not None
