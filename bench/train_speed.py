@@ -547,7 +547,10 @@ def apply_variant(model, variant: str):
     ``-draw4`` (the dropout kernels draw 4 elements a Philox call, not 8) and
     ``-bnbdequant`` (NF4 weights dequantised by bitsandbytes' kernels, not
     ``kernels.dequantize_nf4``) and ``-nodense`` (rows of equal examples through varlen
-    FlashAttention 2, not one dense cuDNN call) turn one piece off each; ``-rounds7`` runs
+    FlashAttention 2, not one dense cuDNN call), ``-noparkdense`` (an offloaded checkpoint's
+    forward of equal examples through varlen FlashAttention 2, not cuDNN's) and
+    ``-biasaddmm`` (biased projections, Qwen 2's q/k/v, as PEFT modules + one ``addmm``, not
+    one autograd node) turn one piece off each; ``-rounds7`` runs
     Philox with 7 rounds, not 10; ``-drop0`` sets LoRA dropout to 0.
     """
     import sys
@@ -564,6 +567,7 @@ def apply_variant(model, variant: str):
     kernels.PHILOX_ROUNDS = 7 if "rounds7" in flags else 10
     kernels.FUSED_NF4 = "bnbdequant" not in flags
     attention.DENSE_EQUAL = "nodense" not in flags
+    attention.DENSE_PARKED = "noparkdense" not in flags
     base = model.get_base_model()
     pack = "nopack" not in flags
     base.set_attn_implementation(fastpath.ATTN_IMPLEMENTATION if pack else "sdpa")
@@ -603,7 +607,10 @@ def apply_variant(model, variant: str):
                 module.forward = module._fastpath_forward
             else:
                 module.forward = lora.fused_lora_forward.__get__(module)
-            module._fastpath_autograd = "addmm" not in flags
+            biased = getattr(module.get_base_layer(), "bias", None) is not None
+            module._fastpath_autograd = "addmm" not in flags and not (
+                biased and "biasaddmm" in flags
+            )
             if not hasattr(module, "_bench_lora_first"):
                 module._bench_lora_first = getattr(module, "_fastpath_lora_first", (False, False))
             after = "loraafter" in flags

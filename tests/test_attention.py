@@ -112,3 +112,39 @@ def test_gpu_dense_call_matches_flash_varlen(shape) -> None:
         for a, b in [(out, ref), *zip(got, ref_grads, strict=True)]:
             err = ((a.double() - b).norm() / b.norm()).item()
             assert err < 1e-2, (name, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(32, 8), (28, 4)])
+def test_gpu_parked_dense_forward_replays_through_cudnn(shape, monkeypatch) -> None:
+    """An offloaded checkpoint's forward of full rows parks cuDNN's output and log-sum-exp;
+    the recompute's ``AttentionReplay`` runs cuDNN's backward on them: the output and the
+    gradients within bf16 of a float64 reference, as the unparked paths."""
+    from trainer.fastpath import parking
+
+    heads, kv = shape
+    q, k, v = _qkv(4 * 2048, heads, kv, 128, torch.bfloat16, device="cuda", seed=3)
+    cu = torch.arange(0, 4 * 2048 + 1, 2048, dtype=torch.int32, device="cuda")
+    scale, layer = 128**-0.5, torch.nn.Module()
+    layer._fastpath_replay = True
+    kw = {"scaling": scale, "cu_seq_lens_q": cu, "max_length_q": 2048}
+    parked = parking.Parked(torch.zeros(8, device="cuda"), None)
+    monkeypatch.setitem(parking.LAST, "current", parked)
+    with torch.no_grad():  # the checkpoint's forward
+        out, _ = attention.varlen_attention_forward(layer, q, k, v, None, **kw)
+    monkeypatch.setitem(parking.LAST, "current", None)
+    assert [meta[0] for _, _, meta in parked.replays] == ["cudnn"]
+    _, replays = parked.take()
+    monkeypatch.setitem(parking.RECOMPUTE, "on", True)
+    monkeypatch.setitem(parking.RECOMPUTE, "replay", replays)
+    replayed, _ = attention.varlen_attention_forward(layer, q, k, v, None, **kw)
+    assert not replays and torch.equal(replayed, out)
+    g = torch.randn_like(replayed)
+    got = torch.autograd.grad(replayed, (q, k, v), g)
+    ref_in = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = _per_example(*ref_in, cu.cpu(), scale)
+    ref_grads = torch.autograd.grad(ref, ref_in, g.double())
+    for a, b in [(out, ref), *zip(got, ref_grads, strict=True)]:
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err < 1e-2, err

@@ -22,11 +22,13 @@ from transformers import (  # noqa: E402
     BitsAndBytesConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from trainer import fastpath  # noqa: E402
 from trainer.config import ALL_PROJECTIONS  # noqa: E402
-from trainer.fastpath import attention, elementwise, kernels, nf4, parking  # noqa: E402
+from trainer.fastpath import attention, elementwise, kernels, lora, nf4, parking  # noqa: E402
 
 VOCAB = 256
 RANK = 8
@@ -47,6 +49,31 @@ def tiny_model_dir(tmp_path_factory):
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_dir(tmp_path_factory):
+    """A tiny random Qwen 2: its q/k/v projections carry biases (random, not zero)."""
+    path = tmp_path_factory.mktemp("tiny-qwen")
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                assert proj.bias is not None
+                proj.bias.normal_(0, 0.5)
+    model.to(torch.bfloat16).save_pretrained(path)
     return path
 
 
@@ -157,8 +184,21 @@ def test_packed_row_gives_each_examples_own_loss(tiny_model_dir):
     torch.testing.assert_close(repacked[keep], packed[keep], rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize(("offload", "kept"), [(True, 0), (False, 0), (True, 1), (True, 2)])
-def test_fast_path_loss_and_grads_match_reference(tiny_model_dir, offload, kept):
+@pytest.mark.parametrize(
+    ("model", "offload", "kept"),
+    [
+        ("llama", True, 0),
+        ("llama", False, 0),
+        ("llama", True, 1),
+        ("llama", True, 2),
+        ("qwen", True, 0),  # biased q/k/v: the same LoRA node, the bias in its epilogue
+        ("qwen", True, 1),
+    ],
+)
+def test_fast_path_loss_and_grads_match_reference(request, model, offload, kept):
+    tiny_model_dir = request.getfixturevalue(
+        "tiny_qwen_dir" if model == "qwen" else "tiny_model_dir"
+    )
     lengths = [16, 16, 16]
     examples = _examples(lengths, seed=3)
     batch = torch.stack(examples)
@@ -280,6 +320,22 @@ def test_fused_lora_layer_matches_peft(tiny_model_dir, dropout, first):
         layer._fastpath_lora_first = first
         x = torch.randn(2, 5, 128, dtype=torch.bfloat16, requires_grad=True)
         _layer_matches_peft(layer, x, dropout)
+
+
+@pytest.mark.parametrize("first", [(False, False), (True, True)])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_biased_projection_takes_the_one_node_layer(tiny_qwen_dir, dropout, first):
+    """A frozen bias (Qwen 2's q/k/v) joins the base GEMM in the one-node layer, in either
+    order of the LoRA term: PEFT's output and gradients, the bias untouched by training."""
+    model = _load(tiny_qwen_dir, fast=True).train()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    bias = layer.get_base_layer().bias
+    assert bias is not None and not bias.requires_grad and bias.abs().sum() > 0
+    assert lora.plain_weight(layer.get_base_layer()) is not None
+    layer._fastpath_lora_first = first
+    x = torch.randn(2, 5, 128, dtype=torch.bfloat16, requires_grad=True)
+    _layer_matches_peft(layer, x, dropout)
+    assert bias.grad is None
 
 
 def test_lora_term_order_follows_the_measured_shapes():

@@ -44,9 +44,6 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied_embeddings: bool
-    # Biases on q/k/v (Qwen2's attention has them without saying so in its config): those
-    # LoRA layers take PEFT's own path, not the fast path's one-node layer.
-    qkv_bias: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict) -> ModelShape:
@@ -60,7 +57,6 @@ class ModelShape:
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             vocab=cfg["vocab_size"],
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
         )
 
     @classmethod
@@ -101,15 +97,7 @@ def kept_layer_bytes(shape: ModelShape, cfg: JobConfig) -> int:
     q = shape.heads * shape.head_dim
     per_token = 2 * h + 2 * q + h + h + 2 * kv + 3 * shape.intermediate + 2 * shape.head_dim
     per_token += len(cfg.target_modules) * cfg.lora_rank
-    mask_bytes = 0
-    if cfg.lora_dropout > 0 and shape.qkv_bias:
-        # Biased projections take PEFT's path: each keeps its own dropped input (in place
-        # of the shared one) and its dropout mask, a byte an element (the Qwen 2.5 7B
-        # shape, run 36).
-        biased = sum(1 for m in ("q_proj", "k_proj", "v_proj") if m in cfg.target_modules)
-        per_token += max(biased - 1, 0) * h
-        mask_bytes = biased * h
-    return (per_token * 2 + mask_bytes) * cfg.batch_size * cfg.max_seq_len
+    return per_token * 2 * cfg.batch_size * cfg.max_seq_len
 
 
 def estimate_bytes(

@@ -11,7 +11,8 @@ examples a few hundred tokens) then keeps the GPU as busy as full 2048-token row
 **Equal examples.** Where every example of the batch has the same length (rows that hold
 one example each: long documents cut to the sequence length) no ragged layout is needed:
 one dense causal SDPA call over (examples, heads, length, dim) views (``dense_causal``),
-through the first of ``DENSE_BACKENDS`` that takes the shape.
+through the first of ``DENSE_BACKENDS`` that takes the shape; in an offloaded checkpoint's
+forward, cuDNN's own op, which returns the log-sum-exp the replay needs (``park_dense``).
 
 **Attention replay.** In an offloaded checkpoint's forward (``trainer.fastpath.checkpoint``)
 each layer's attention parks its inputs, output and log-sum-exp in host memory beside the
@@ -43,8 +44,11 @@ DENSE_BACKENDS = [
     SDPBackend.MATH,
 ]
 # Equal examples take ``dense_causal`` (False: varlen like any other batch, the A/B that
-# ``bench/train_speed.py``'s ``-nodense`` variant measures end to end).
+# ``bench/train_speed.py``'s ``-nodense`` variant measures end to end), and in an offloaded
+# checkpoint's forward ``park_dense`` (False: varlen FlashAttention, ``-noparkdense``).
 DENSE_EQUAL = True
+DENSE_PARKED = True
+_CUDNN_REFUSED: set[tuple] = set()  # (q shape, k shape, dtype) cuDNN's forward refused
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -132,13 +136,42 @@ def dense_causal(query, key, value, examples: int, scale):
     (batch, heads, seq, dim) in, (batch, seq, heads, dim) out, as ``varlen_attention_forward``.
     """
     b, h, s, d = query.shape
+    q, k, v = _dense_views(query, key, value, examples)
+    with sdpa_kernel(DENSE_BACKENDS, set_priority=True):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).reshape(b, s, h, d)
+
+
+def _dense_views(query, key, value, examples: int):
+    """(examples, heads, length, dim) views of (batch, heads, seq, dim) packed rows."""
+    b, _, s, d = query.shape
     length = b * s // examples
-    q, k, v = (
+    return tuple(
         t.transpose(1, 2).reshape(examples, length, t.shape[1], d).transpose(1, 2)
         for t in (query, key, value)
     )
-    with sdpa_kernel(DENSE_BACKENDS, set_priority=True):
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+
+def park_dense(current, query, key, value, examples: int, scale) -> torch.Tensor | None:
+    """An offloaded checkpoint's forward of equal examples: cuDNN's causal attention,
+    which also returns its log-sum-exp, so the recompute replays its backward
+    (``AttentionReplay``) as FlashAttention's. Parks q, k, v and the output in the forward's
+    memory order, (examples, length, heads, dim), beside the log-sum-exp. None where cuDNN
+    refuses the shape (then the caller takes varlen FlashAttention)."""
+    b, h, s, d = query.shape
+    shapes = (query.shape, key.shape, query.dtype)
+    if shapes in _CUDNN_REFUSED:
+        return None
+    q, k, v = _dense_views(query, key, value, examples)
+    try:
+        out, lse, *_, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, True, False, scale=scale
+        )
+    except RuntimeError:  # a head dim, dtype or card cuDNN does not take
+        _CUDNN_REFUSED.add(shapes)
+        return None
+    parked = tuple(t.transpose(1, 2) for t in (q, k, v, out))
+    current.add_replay((*parked, lse), ("cudnn", b, s, seed, offset))
     return out.transpose(1, 2).reshape(b, s, h, d)
 
 
@@ -175,8 +208,12 @@ def varlen_attention_forward(
         and not torch.is_grad_enabled()
     )
     examples = equal_examples(cu, int(max_len), b * s) if DENSE_EQUAL else 0
-    if examples and not park:  # a parked forward keeps FlashAttention's log-sum-exp
+    if examples and not park:
         return dense_causal(query, key, value, examples, scaling), None
+    if examples and flash and DENSE_PARKED:
+        out = park_dense(current, query, key, value, examples, scaling)
+        if out is not None:
+            return out, None
     if flash:
         q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
         cu32 = cu.to(torch.int32)
@@ -214,6 +251,8 @@ class AttentionReplay(torch.autograd.Function):
         h, d = query.shape[1], query.shape[3]
         if kind == "flash":
             return out.view(b, s, h, d)
+        if kind == "cudnn":  # parked as (examples, length, heads, dim)
+            return out.reshape(b, s, h, d)
         return out.transpose(0, 1).reshape(b, s, h, d)
 
     @staticmethod
@@ -240,6 +279,32 @@ class AttentionReplay(torch.autograd.Function):
                 scale=ctx.scale,
             )
             dq, dk, dv = (g.view(b, s, *g.shape[1:]).transpose(1, 2) for g in grads)
+        elif ctx.kind == "cudnn":  # back to (examples, heads, length, dim) views
+            *qkvo, lse = parked
+            q, k, v, out = (t.transpose(1, 2) for t in qkvo)
+            examples, heads, length, d = out.shape
+            grad_out = grad.reshape(examples, length, heads, d).transpose(1, 2)
+            grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                grad_out,
+                q,
+                k,
+                v,
+                out,
+                lse,
+                ctx.seed,
+                ctx.offset,
+                None,
+                None,
+                None,
+                length,
+                length,
+                0.0,
+                True,
+                scale=ctx.scale,
+            )
+            dq, dk, dv = (
+                g.transpose(1, 2).reshape(b, s, g.shape[1], d).transpose(1, 2) for g in grads
+            )
         else:
             q, k, v, _ = (t.detach().requires_grad_(True) for t in parked)
             with torch.enable_grad():

@@ -42,6 +42,8 @@ class LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, base, scaling, p, skip=False, first=(False, False)):  # type: ignore[override]
+        # A frozen bias (Qwen 2's q/k/v) joins the first GEMM's epilogue; it takes no
+        # gradient (``plain_weight`` sends a trainable one to PEFT's path).
         dev = x.device.type
         dtype = (
             torch.get_autocast_dtype(dev)
@@ -58,13 +60,16 @@ class LoraLinear(torch.autograd.Function):
         elif p > 0:
             xd, mask = torch.native_dropout(x2, p, True)
         a, b = weight_a.to(dtype), weight_b.to(dtype)
+        bias = getattr(base, "bias", None)
+        bias = None if bias is None else bias.to(dtype)
         low = torch.mm(xd, a.t())
         if skip:  # a recompute whose output only feeds the layer's (unused) output
             out = x2.new_empty(x2.shape[0], weight_b.shape[0])
         elif first[0]:  # the base GEMM's epilogue adds into the LoRA term
-            out = torch.mm(low, b.t() * scaling).addmm_(x2, nf4.base_weight(base, dtype).t())
+            out = _mm(low, b.t() * scaling, bias).addmm_(x2, nf4.base_weight(base, dtype).t())
         else:
-            out = torch.mm(x2, nf4.base_weight(base, dtype).t()).addmm_(low, b.t(), alpha=scaling)
+            out = _mm(x2, nf4.base_weight(base, dtype).t(), bias)
+            out.addmm_(low, b.t(), alpha=scaling)
         ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.first = base, scaling, p, seed, first
         ctx.shape, ctx.x_dtype = shape, x.dtype
         ctx.ab_dtypes = (weight_a.dtype, weight_b.dtype)
@@ -113,6 +118,11 @@ class LoraLinear(torch.autograd.Function):
         grad_a = grad_a.to(da) if grad_a is not None else None
         grad_b = grad_b.to(db) if grad_b is not None else None
         return grad_x, grad_a, grad_b, None, None, None, None, None
+
+
+def _mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w``, plus ``bias`` in the GEMM's epilogue where there is one."""
+    return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
 
 
 def lora_first(in_features: int, out_features: int) -> tuple[bool, bool]:
@@ -168,10 +178,12 @@ def fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
 
 
 def plain_weight(base: torch.nn.Module) -> Any:
-    """The base layer's weight if ``LoraLinear`` can take it: a bias-free bitsandbytes
-    4-bit or plain linear layer (else None, and the layer keeps the module path)."""
+    """The base layer's weight if ``LoraLinear`` can take it: a bitsandbytes 4-bit or plain
+    linear layer whose bias, if any, is frozen (else None, and the layer keeps the module
+    path)."""
     weight = getattr(base, "weight", None)
-    if weight is None or getattr(base, "bias", None) is not None:
+    bias = getattr(base, "bias", None)
+    if weight is None or (bias is not None and bias.requires_grad):
         return None
     state = getattr(weight, "quant_state", None)
     if state is not None:
