@@ -124,6 +124,7 @@ def test_gpu_parked_dense_forward_replays_through_cudnn(shape, monkeypatch) -> N
     from trainer.fastpath import parking
 
     heads, kv = shape
+    monkeypatch.setattr(attention, "DENSE_PARKED", True)
     q, k, v = _qkv(4 * 2048, heads, kv, 128, torch.bfloat16, device="cuda", seed=3)
     cu = torch.arange(0, 4 * 2048 + 1, 2048, dtype=torch.int32, device="cuda")
     scale, layer = 128**-0.5, torch.nn.Module()
