@@ -550,9 +550,9 @@ def apply_variant(model, variant: str):
     FlashAttention 2, not one dense cuDNN call) and
     ``-biasaddmm`` (biased projections, Qwen 2's q/k/v, as PEFT modules + one ``addmm``, not
     one autograd node) turn one piece off each; ``-rounds7`` runs
-    Philox with 7 rounds, not 10; ``-drop0`` sets LoRA dropout to 0; ``-parkdense`` turns
-    on ``attention.DENSE_PARKED`` (an offloaded checkpoint's forward of equal examples
-    through cuDNN, replayed from its log-sum-exp; off by default until measured).
+    Philox with 7 rounds, not 10; ``-drop0`` sets LoRA dropout to 0; ``-noparkdense`` turns
+    off ``attention.DENSE_PARKED`` (an offloaded checkpoint's forward of equal examples
+    through cuDNN, replayed from its log-sum-exp; varlen FlashAttention 2 instead).
     """
     import sys
 
@@ -568,7 +568,7 @@ def apply_variant(model, variant: str):
     kernels.PHILOX_ROUNDS = 7 if "rounds7" in flags else 10
     kernels.FUSED_NF4 = "bnbdequant" not in flags
     attention.DENSE_EQUAL = "nodense" not in flags
-    attention.DENSE_PARKED = "parkdense" in flags
+    attention.DENSE_PARKED = "noparkdense" not in flags
     base = model.get_base_model()
     pack = "nopack" not in flags
     base.set_attn_implementation(fastpath.ATTN_IMPLEMENTATION if pack else "sdpa")
