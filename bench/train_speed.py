@@ -58,7 +58,7 @@ SHAPES: dict[str, tuple[str, dict]] = {
             sliding_window=None,
         ),
     ),
-    "qwen2.5-7b": (  # q/k/v carry biases: their LoRA layers keep PEFT's module path
+    "qwen2.5-7b": (  # q/k/v carry biases: the one-node LoRA layer adds them in its first GEMM
         "qwen2",
         dict(
             vocab_size=152064,

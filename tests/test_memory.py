@@ -60,9 +60,10 @@ def test_the_estimate_grows_with_what_the_job_asks_for():
 
 
 def test_a_budget_buys_kept_layers_and_the_estimate_follows_the_plan():
-    """The fast path keeps as many layers' activations as the budget holds (none at 8 GiB,
-    about 1.07 GiB a layer at 8B x 8192 tokens), and the estimate of that plan stays inside
-    the budget."""
+    """The fast path keeps as many layers' activations as the budget holds (about 1.07 GiB
+    a layer at 8B x 8192 tokens; at 8 GiB the one that fits in the recompute's working set,
+    which the backward has freed the kept layers' activations before it needs), and the
+    estimate of that plan stays inside the budget."""
     shape = ModelShape.from_config(LLAMA_8B)
     cfg = JobConfig()
     base = estimate_bytes(shape, cfg)
@@ -70,7 +71,14 @@ def test_a_budget_buys_kept_layers_and_the_estimate_follows_the_plan():
     # Its LoRA node draws the dropout again in the backward: dropout stores nothing more.
     assert kept_layer_bytes(shape, JobConfig(lora_dropout=0.0)) == kept_layer_bytes(shape, cfg)
     assert kept_layers_for_budget(shape, cfg, 6 * GIB) == 0
-    assert kept_layers_for_budget(shape, cfg, 8 * GIB) == 0
+    assert kept_layers_for_budget(shape, cfg, 8 * GIB) == 1
+    assert estimate_bytes(shape, cfg, kept_layers=1) == base
+    assert estimate_bytes(shape, cfg, kept_layers=2) > base
+    layers = shape.layers
+    top = estimate_bytes(shape, cfg, kept_layers=layers)
+    assert top - estimate_bytes(shape, cfg, kept_layers=layers - 1) == kept_layer_bytes(shape, cfg)
+    # Kept activations and the working set are not held together: less than their sum.
+    assert top < base + layers * kept_layer_bytes(shape, cfg)
     assert kept_layers_for_budget(shape, cfg, 1000 * GIB) == shape.layers
     for budget in (16, 24, 40):
         kept = kept_layers_for_budget(shape, cfg, budget * GIB)
@@ -101,7 +109,7 @@ def test_a_jobs_plan_holds_in_its_budget_and_in_the_free_memory():
     assert plan(40, 20) == kept_layers_for_budget(shape, cfg, 19 * GIB) < plan(40, 140)
     assert plan(0, 140) == shape.layers
     assert plan(0, 40) == kept_layers_for_budget(shape, cfg, 38 * GIB)
-    assert plan(8, 140) == plan(0, 9) == 0  # the all-checkpointed plan: nothing to spare
+    assert plan(8, 140) == plan(0, 9) == 1  # the one layer the working set holds
 
 
 def test_a_job_over_the_budget_is_refused_with_what_to_change(llama_8b_dir):
