@@ -189,7 +189,7 @@ def test_crash_mid_job_resumes_from_checkpoint(tmp_path, tiny_model_dir):
         with svc.client(key) as a:
             done = a.wait(job.id, 600)
             assert done.state == pb.JOB_STATE_SUCCEEDED, (done.error_message, svc.log())
-            events = _events(a, job.id)
+            events = _events(a, job.id, timeout=60)  # ended: the stream ends at its end
             at = next(
                 (i for i, e in enumerate(events) if "resume from checkpoint-" in e.message), None
             )
@@ -227,11 +227,12 @@ def test_crash_before_any_checkpoint_fails_with_reason(tmp_path, tiny_model_dir)
         svc.stop()
 
 
-def _events(client, job_id: str) -> list[pb.JobEvent]:
-    """The job's events so far, without waiting for it to end."""
+def _events(client, job_id: str, timeout: float = 2.0) -> list[pb.JobEvent]:
+    """The job's events so far, without waiting for it to end (more than ``timeout``): all
+    of them once it has ended (on a loaded CI machine 2 s cut a finished job's short)."""
     out: list[pb.JobEvent] = []
     stream = client.stub.WatchJob(
-        pb.WatchJobRequest(id=job_id), metadata=client.metadata, timeout=2.0
+        pb.WatchJobRequest(id=job_id), metadata=client.metadata, timeout=timeout
     )
     try:
         out.extend(stream)

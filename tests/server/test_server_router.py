@@ -120,11 +120,15 @@ def _complete(
     return out.choices[0].text
 
 
-def _wait_running(server: VllmServer, admin_key: str, n: int, timeout: float = 60) -> None:
-    """Until ``server`` is generating ``n`` requests (vLLM's own gauge, read as an admin)."""
+def _wait_running(
+    server: VllmServer, http: httpx.Client, admin_key: str, n: int, timeout: float = 60
+) -> None:
+    """Until ``server`` is generating ``n`` requests (vLLM's own gauge, read as an admin,
+    through ``http``: a client made before the requests are sent, since making one took
+    seconds on a loaded CI machine while the requests ran)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {admin_key}"})
+        r = http.get(server.url + "/metrics", headers={"Authorization": f"Bearer {admin_key}"})
         m = re.search(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", r.text, re.M)
         if m and float(m.group(1)) >= n:
             return
@@ -226,15 +230,19 @@ def test_replica_killed_requests_fail_over(cluster: Cluster) -> None:
     # once through one client made beforehand. With a client made in each thread, one of
     # the four was sent 7-14 s after the others in CI runs (one thread took 13 s to make
     # its client, seen here), so the first ones had finished before all four ran.
+    # The gauge is read through a client made beforehand too: in one CI run, on a machine
+    # loaded by other work, the four had run (2,000 tokens each, about 13 s) and finished
+    # before the first read, a client made inside the loop.
     client, start = cluster.client(cluster.key_of(model)), threading.Barrier(4)
+    http = httpx.Client(timeout=10)
 
     def in_flight(prompt: str) -> str:
         start.wait(timeout=30)
         return _complete(cluster, model, prompt, 2000, client)
 
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    with http, concurrent.futures.ThreadPoolExecutor(4) as pool:
         inflight = [pool.submit(in_flight, p) for p in PROMPTS[:4]]
-        _wait_running(cluster.replicas[victim], cluster.keys.admin, len(inflight))
+        _wait_running(cluster.replicas[victim], http, cluster.keys.admin, len(inflight))
         proc = cluster.replicas[victim].proc
         assert proc is not None
         cut_off = [not f.done() for f in inflight]
