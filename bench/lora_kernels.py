@@ -173,10 +173,53 @@ def nf4_dequantisation() -> None:
         )
 
 
+def fused_dropout_mm() -> None:
+    """LoRA A's two GEMMs with the dropout drawn inside them (``kernels.dropout_mm``,
+    ``kernels.dropout_mm_t``) against the written dropped copy and cuBLAS: the forward's
+    ``dropout(x) @ A.T`` and A's gradient ``g.T @ dropout(x)`` (the redraw of a kept
+    layer), each tile setting timed, the results compared."""
+    dev, bf16 = "cuda", torch.bfloat16
+    print(f"\nDropout inside LoRA A's GEMMs, {TOKENS} tokens, rank {RANK}, p {P}")
+    for name, width in SHAPES.items():
+        x = torch.randn(TOKENS, width, device=dev, dtype=bf16)
+        a = torch.randn(RANK, width, device=dev, dtype=bf16) / width**0.5
+        g = torch.randn(TOKENS, RANK, device=dev, dtype=bf16)
+        dropped = kernels.dropout(x, P, 1234)
+        want_low, want_grad = (dropped @ a.t()).float(), (g.t() @ dropped).float()
+        err_low = (kernels.dropout_mm(x, a, P, 1234).float() - want_low).norm() / want_low.norm()
+        err_grad = (kernels.dropout_mm_t(g, x, P, 1234) - want_grad).norm() / want_grad.norm()
+        print(f"  {name}: relative error forward {err_low:.1e}, A's gradient {err_grad:.1e}")
+        fwd = _time_ms(lambda x=x, a=a: torch.mm(kernels.dropout(x, P, 1234), a.t()))
+        bwd = _time_ms(lambda x=x, g=g: torch.mm(g.t(), kernels.dropout(x, P, 1234)))
+        print(f"    written copy + cuBLAS: forward {fwd * 1e3:.1f} us, A's gradient", end="")
+        print(f" {bwd * 1e3:.1f} us")
+        for tiles in ((64, 64, 4), (128, 64, 4), (128, 64, 8), (64, 128, 4), (32, 128, 4)):
+            kernels.DROPOUT_MM_TILES = kernels.DROPOUT_MM_T_TILES = tiles
+            f = _time_ms(lambda x=x, a=a: kernels.dropout_mm(x, a, P, 1234))
+            runs = []
+            for programs in (256, 512, 1024):
+                kernels.DROPOUT_MM_T_PROGRAMS = programs
+                runs.append(_time_ms(lambda x=x, g=g: kernels.dropout_mm_t(g, x, P, 1234)))
+            best = min(runs)
+            print(
+                f"    tiles {tiles}: forward {f * 1e3:.1f} us ({fwd / f:.2f}x), A's gradient "
+                f"{', '.join(f'{t * 1e3:.1f}' for t in runs)} us at 256/512/1024 programs "
+                f"({bwd / best:.2f}x)"
+            )
+        kernels.DROPOUT_MM_TILES, kernels.DROPOUT_MM_T_TILES = (64, 64, 4), (64, 64, 4)
+        kernels.DROPOUT_MM_T_PROGRAMS = 512
+
+
 if __name__ == "__main__":
     import sys
 
-    # ``python3 bench/lora_kernels.py [dropout] [order] [nf4]``: those parts (all by default).
-    parts = {"dropout": main, "order": gemm_order, "nf4": nf4_dequantisation}
+    # ``python3 bench/lora_kernels.py [dropout] [order] [nf4] [fused]``: those parts (all by
+    # default).
+    parts = {
+        "dropout": main,
+        "order": gemm_order,
+        "nf4": nf4_dequantisation,
+        "fused": fused_dropout_mm,
+    }
     for part in sys.argv[1:] or list(parts):
         parts[part]()

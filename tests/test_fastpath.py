@@ -434,6 +434,20 @@ acc, g, a = torch.randn(300, 512), torch.randn(300, 8), torch.randn(8, 512)
 want = acc + (g @ a) * keep / (1 - p)
 torch.testing.assert_close(kernels.add_masked_lora_grad(acc, g, a, p, seed), want)
 
+# The small GEMMs that draw the mask as they read the input: the LoRA term (tokens, rank)
+# and A's gradient (rank, in), against the written dropped copy; rows and a rank that
+# leave tiles part-empty, and tokens split over several programs.
+for rows, width, rank in ((300, 512, 8), (70, 136, 12), (1000, 64, 64)):
+    x, a, g = torch.randn(rows, width), torch.randn(rank, width), torch.randn(rows, rank)
+    dropped = kernels.dropout(x, p, seed)
+    close = dict(rtol=1e-4, atol=1e-4)  # float32 sums in another order; values up to 1e2
+    torch.testing.assert_close(kernels.dropout_mm(x, a, p, seed), dropped @ a.t(), **close)
+    kernels.DROPOUT_MM_T_PROGRAMS = 4
+    torch.testing.assert_close(kernels.dropout_mm_t(g, x, p, seed), g.t() @ dropped, **close)
+    kernels.DROPOUT_MM_T_PROGRAMS = 512
+    torch.testing.assert_close(kernels.dropout_mm_t(g, x, p, seed), g.t() @ dropped, **close)
+    assert not torch.allclose(kernels.dropout_mm(x, a, p, seed + 1), dropped @ a.t())
+
 # The one-node LoRA layer on a plain linear base: the kernels' path against autograd over
 # the same formula with the drawn mask, and a checkpoint's recompute draws that mask again.
 base = torch.nn.Linear(64, 48, bias=False)
@@ -461,6 +475,8 @@ def reference(h):
 want = grads(reference)
 first = lambda h: node(h, (True, True))  # noqa: E731  (the LoRA term written first)
 runs = [grads(node), grads(first), grads(lambda h: checkpoint.offloaded_checkpoint(node, h))]
+kernels.FUSED_DROPOUT_MM = False  # the dropped copy written out, for cuBLAS to read
+runs += [grads(node), grads(lambda h: checkpoint.offloaded_checkpoint(node, h))]
 for got in runs:
     for g_got, g_want in zip(got, want):  # gradients reach 1e5: float32 rounding, scaled
         atol = 1e-6 * g_want.abs().max().item()
@@ -721,6 +737,25 @@ def test_gpu_dropout_kernels_draw_one_independent_mask():
     a = torch.full((16, 4096), 1 / 16, device="cuda", dtype=torch.bfloat16)
     term = kernels.add_masked_lora_grad(torch.zeros_like(ones), g_low, a, p, seed)
     assert torch.equal(term != 0, keep)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("width", [4096, 14336])
+def test_gpu_dropout_inside_lora_a_gemms_matches_the_written_copy(width):
+    """Compiled for CUDA at the 8B widths and 8192 tokens: the LoRA term and A's gradient
+    with the mask drawn inside the GEMM equal cuBLAS over the written dropped copy within
+    bf16 rounding (float32 references)."""
+    p, seed = 0.05, 99
+    x = torch.randn(8192, width, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(64, width, device="cuda", dtype=torch.bfloat16) / width**0.5
+    g = torch.randn(8192, 64, device="cuda", dtype=torch.bfloat16)
+    dropped = kernels.dropout(x, p, seed).float()
+    for got, want in (
+        (kernels.dropout_mm(x, a, p, seed).float(), dropped @ a.float().t()),
+        (kernels.dropout_mm_t(g, x, p, seed), g.float().t() @ dropped),
+    ):
+        assert ((got - want).norm() / want.norm()).item() < 5e-3
 
 
 @pytest.mark.gpu

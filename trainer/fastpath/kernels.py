@@ -10,7 +10,11 @@ and the element's index (Philox), so:
 * ``dropout`` writes only the dropped input (no mask tensor);
 * ``add_masked_lora_grad`` computes the LoRA term of the input gradient,
   ``(g_low @ A) * mask / (1 - p)``, as a small GEMM (K = the rank) whose epilogue draws
-  the same mask again and adds the result into the base gradient in place.
+  the same mask again and adds the result into the base gradient in place;
+* ``dropout_mm`` and ``dropout_mm_t`` are LoRA A's two GEMMs, ``dropout(x) @ A.T`` (the
+  rank-wide term) and ``g.T @ dropout(x)`` (A's gradient), drawing the mask per tile of
+  ``x`` as they read it: the dropped copy is neither written nor read back, where
+  ``dropout`` writes it for cuBLAS to read (``FUSED_DROPOUT_MM``).
 
 The seed comes from torch's CPU generator (``new_seed``), whose state a checkpoint's
 recompute restores, so a recomputed layer draws the same masks as its forward. Each
@@ -177,6 +181,92 @@ if triton is not None:
             term += tl.load(acc_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         tl.store(acc_ptr + offs, term.to(acc_ptr.dtype.element_ty), mask=inside)
 
+    @triton.jit
+    def _dropout_mm_kernel(
+        x_ptr,
+        a_ptr,
+        out_ptr,
+        M,
+        K,
+        R,
+        seed,
+        threshold,
+        scale,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        PER_CALL: tl.constexpr,
+        ROUNDS: tl.constexpr,
+    ):
+        """``out = dropout(x) @ a.T``: (M, K) by (R, K), the mask drawn per tile of x."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ranks = tl.arange(0, BLOCK_R)
+        total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(
+                x_ptr + rows[:, None] * K + ks[None, :],
+                mask=(rows[:, None] < M) & (ks[None, :] < K),
+                other=0.0,
+            )
+            calls = (
+                rows[:, None] * (K // PER_CALL)
+                + (k0 // PER_CALL + tl.arange(0, BLOCK_K // PER_CALL))[None, :]
+            )
+            keep = _keep(seed, calls, (BLOCK_M, BLOCK_K), threshold, PER_CALL, ROUNDS)
+            a_t = tl.load(
+                a_ptr + ranks[None, :] * K + ks[:, None],
+                mask=(ks[:, None] < K) & (ranks[None, :] < R),
+                other=0.0,
+            )
+            total += tl.dot(tl.where(keep, x, 0.0).to(a_t.dtype), a_t)
+        inside = (rows[:, None] < M) & (ranks[None, :] < R)
+        out = (total * scale).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * R + ranks[None, :], out, mask=inside)
+
+    @triton.jit
+    def _dropout_mm_t_kernel(
+        g_ptr,
+        x_ptr,
+        out_ptr,
+        M,
+        K,
+        R,
+        rows_per_split,
+        seed,
+        threshold,
+        scale,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        PER_CALL: tl.constexpr,
+        ROUNDS: tl.constexpr,
+    ):
+        """``out[split] = g[rows].T @ dropout(x)[rows]`` over one split's rows: (R, K) in
+        float32, the splits summed by the caller."""
+        cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        groups = tl.program_id(0) * (BLOCK_K // PER_CALL) + tl.arange(0, BLOCK_K // PER_CALL)
+        first = tl.program_id(1) * rows_per_split
+        ranks = tl.arange(0, BLOCK_R)
+        total = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for m0 in range(0, rows_per_split, BLOCK_M):
+            rows = first + m0 + tl.arange(0, BLOCK_M)
+            x = tl.load(
+                x_ptr + rows[:, None] * K + cols[None, :],
+                mask=(rows[:, None] < M) & (cols[None, :] < K),
+                other=0.0,
+            )
+            calls = rows[:, None] * (K // PER_CALL) + groups[None, :]
+            keep = _keep(seed, calls, (BLOCK_M, BLOCK_K), threshold, PER_CALL, ROUNDS)
+            g = tl.load(
+                g_ptr + rows[:, None] * R + ranks[None, :],
+                mask=(rows[:, None] < M) & (ranks[None, :] < R),
+                other=0.0,
+            )
+            total += tl.dot(tl.trans(g), tl.where(keep, x, 0.0).to(g.dtype))
+        offs = tl.program_id(1) * R * K + ranks[:, None] * K + cols[None, :]
+        tl.store(out_ptr + offs, total * scale, mask=(ranks[:, None] < R) & (cols[None, :] < K))
+
 
 def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """``x`` with each element zeroed with probability ``p`` (to 2**-17: see the module's
@@ -225,6 +315,76 @@ def add_masked_lora_grad(
         num_warps=4,
     )
     return acc
+
+
+# Whether the LoRA node draws its dropout inside the small GEMMs that read the dropped
+# input (``dropout_mm``, ``dropout_mm_t``) instead of writing it out (``dropout``) for
+# cuBLAS to read (``-nofusedrop`` in ``bench/train_speed.py`` turns it off).
+FUSED_DROPOUT_MM = True
+# Tiles of the two kernels (rows, input columns, warps): see ``bench/lora_kernels.py fused``.
+DROPOUT_MM_TILES = (64, 64, 4)
+DROPOUT_MM_T_TILES = (64, 64, 4)
+# The backward kernel splits the tokens so that about this many programs run.
+DROPOUT_MM_T_PROGRAMS = 512
+
+
+def dropout_mm(x: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``dropout(x, p, seed) @ a.T`` without writing the dropped input: the mask is drawn
+    per tile of ``x`` as the GEMM reads it. ``x`` (tokens, in), ``a`` (rank, in); the
+    result (tokens, rank) in ``x``'s dtype, summed in float32 and scaled by 1/(1-p) once."""
+    m, k = x.shape
+    r = a.shape[0]
+    assert available(x) and a.shape == (r, k) and a.dtype == x.dtype
+    a = a.contiguous()
+    out = x.new_empty(m, r)
+    block_m, block_k, warps = DROPOUT_MM_TILES
+    _dropout_mm_kernel[(triton.cdiv(m, block_m),)](
+        x,
+        a,
+        out,
+        m,
+        k,
+        r,
+        seed,
+        **_draw(p),
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        BLOCK_R=max(16, triton.next_power_of_2(r)),
+        num_warps=warps,
+    )
+    return out
+
+
+def dropout_mm_t(g: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``g.T @ dropout(x, p, seed)`` in float32 without the dropped input: LoRA A's
+    gradient, ``g`` (tokens, rank) the gradient of the rank-wide term, ``x`` (tokens, in).
+    The tokens are split so that enough programs run; the splits' sums are added last."""
+    m, k = x.shape
+    r = g.shape[1]
+    assert available(x) and g.shape == (m, r)
+    g = g.contiguous().to(x.dtype)
+    block_m, block_k, warps = DROPOUT_MM_T_TILES
+    columns = triton.cdiv(k, block_k)
+    splits = max(1, min(triton.cdiv(m, block_m), DROPOUT_MM_T_PROGRAMS // columns))
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
+    splits = triton.cdiv(m, rows_per_split)
+    out = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
+    _dropout_mm_t_kernel[(columns, splits)](
+        g,
+        x,
+        out,
+        m,
+        k,
+        r,
+        rows_per_split,
+        seed,
+        **_draw(p),
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        BLOCK_R=max(16, triton.next_power_of_2(r)),
+        num_warps=warps,
+    )
+    return out[0] if splits == 1 else out.sum(0)
 
 
 def nf4_available(packed: torch.Tensor, state, dtype: torch.dtype) -> bool:

@@ -7,8 +7,9 @@ separate add. ``fuse_lora`` (``trainer.fastpath.preparation``) gives each layer
 with the LoRA term added into the base GEMM's output in place, and the input gradient's LoRA
 term added into the base one in place. Its dropout mask is drawn from a seed in a Triton
 kernel and never stored (``trainer.fastpath.kernels``): the backward draws it again in the
-epilogue of the small GEMM that adds the LoRA term to the input gradient. The base weight is
-read through ``nf4.base_weight``.
+epilogue of the small GEMM that adds the LoRA term to the input gradient, and, outside a
+recompute, A's two GEMMs draw it as they read the input (``kernels.dropout_mm``), so the
+dropped copy is never written. The base weight is read through ``nf4.base_weight``.
 """
 
 from __future__ import annotations
@@ -52,17 +53,21 @@ class LoraLinear(torch.autograd.Function):
         )
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
-        mask, seed = None, None
+        mask, seed, fused = None, None, False
         xd = x2
+        a, b = weight_a.to(dtype), weight_b.to(dtype)
         if p > 0 and kernels.available(x2):
             seed = kernels.new_seed()  # a recompute draws it again: the same mask
-            xd = kernels.dropout(x2, p, seed)
+            # Outside a recompute the mask is drawn inside the GEMM that reads the dropped
+            # input, never written (and again in A's gradient); a recompute writes the
+            # dropped copy once and keeps it for its backward, which follows at once.
+            fused = kernels.FUSED_DROPOUT_MM and not parking.RECOMPUTE["on"]
+            xd = None if fused else kernels.dropout(x2, p, seed)
         elif p > 0:
             xd, mask = torch.native_dropout(x2, p, True)
-        a, b = weight_a.to(dtype), weight_b.to(dtype)
         bias = getattr(base, "bias", None)
         bias = None if bias is None else bias.to(dtype)
-        low = torch.mm(xd, a.t())
+        low = kernels.dropout_mm(x2, a, p, seed) if xd is None else torch.mm(xd, a.t())
         if skip:  # a recompute whose output only feeds the layer's (unused) output
             out = x2.new_empty(x2.shape[0], weight_b.shape[0])
         elif first[0]:  # the base GEMM's epilogue adds into the LoRA term
@@ -79,6 +84,7 @@ class LoraLinear(torch.autograd.Function):
         # are 4 hidden-wide tensors a token smaller (8 GiB over 32 layers at 8B x 8192
         # tokens, H200 run 39). A recompute's backward follows at once: it keeps its copy.
         ctx.redraw = seed is not None and not parking.RECOMPUTE["on"]
+        ctx.fused = fused
         ctx.save_for_backward(x2 if ctx.redraw else xd, mask, low, a, b)
         return out.view(*shape[:-1], out.shape[-1]).to(x.dtype)
 
@@ -90,7 +96,9 @@ class LoraLinear(torch.autograd.Function):
         g_low = torch.mm(g, b).mul_(s)  # d(low): (tokens, r)
         grad_b = torch.mm(g.t(), low).mul_(s) if ctx.needs_input_grad[2] else None
         grad_a = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and ctx.fused:
+            grad_a = kernels.dropout_mm_t(g_low, saved_x, ctx.p, ctx.seed)
+        elif ctx.needs_input_grad[1]:
             xd = kernels.dropout(saved_x, ctx.p, ctx.seed) if ctx.redraw else saved_x
             grad_a = torch.mm(g_low.t(), xd)
         grad_x = None
