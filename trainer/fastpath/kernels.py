@@ -337,21 +337,8 @@ def dropout_mm(x: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.T
     assert available(x) and a.shape == (r, k) and a.dtype == x.dtype
     a = a.contiguous()
     out = x.new_empty(m, r)
-    block_m, block_k, warps = DROPOUT_MM_TILES
-    _dropout_mm_kernel[(triton.cdiv(m, block_m),)](
-        x,
-        a,
-        out,
-        m,
-        k,
-        r,
-        seed,
-        **_draw(p),
-        BLOCK_M=block_m,
-        BLOCK_K=block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(r)),
-        num_warps=warps,
-    )
+    grid = (triton.cdiv(m, DROPOUT_MM_TILES[0]),)
+    _launch_drawn(_dropout_mm_kernel, grid, (x, a, out, m, k, r), p, seed, DROPOUT_MM_TILES, r)
     return out
 
 
@@ -363,28 +350,29 @@ def dropout_mm_t(g: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch
     r = g.shape[1]
     assert available(x) and g.shape == (m, r)
     g = g.contiguous().to(x.dtype)
-    block_m, block_k, warps = DROPOUT_MM_T_TILES
+    block_m, block_k, _ = DROPOUT_MM_T_TILES
     columns = triton.cdiv(k, block_k)
     splits = max(1, min(triton.cdiv(m, block_m), DROPOUT_MM_T_PROGRAMS // columns))
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, rows_per_split)
     out = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
-    _dropout_mm_t_kernel[(columns, splits)](
-        g,
-        x,
-        out,
-        m,
-        k,
-        r,
-        rows_per_split,
+    args = (g, x, out, m, k, r, rows_per_split)
+    _launch_drawn(_dropout_mm_t_kernel, (columns, splits), args, p, seed, DROPOUT_MM_T_TILES, r)
+    return out[0] if splits == 1 else out.sum(0)
+
+
+def _launch_drawn(kernel, grid: tuple, args: tuple, p: float, seed: int, tiles, rank: int):
+    """Launch one of LoRA A's GEMMs that draw the mask: ``args``, then the draw's own."""
+    block_m, block_k, warps = tiles
+    kernel[grid](
+        *args,
         seed,
         **_draw(p),
         BLOCK_M=block_m,
         BLOCK_K=block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(r)),
+        BLOCK_R=max(16, triton.next_power_of_2(rank)),
         num_warps=warps,
     )
-    return out[0] if splits == 1 else out.sum(0)
 
 
 def nf4_available(packed: torch.Tensor, state, dtype: torch.dtype) -> bool:
