@@ -474,9 +474,10 @@ def reference(h):
 
 want = grads(reference)
 first = lambda h: node(h, (True, True))  # noqa: E731  (the LoRA term written first)
-runs = [grads(node), grads(first), grads(lambda h: checkpoint.offloaded_checkpoint(node, h))]
-kernels.FUSED_DROPOUT_MM = False  # the dropped copy written out, for cuBLAS to read
-runs += [grads(node), grads(lambda h: checkpoint.offloaded_checkpoint(node, h))]
+runs = []
+for fused in (True, False):  # the mask drawn inside A's GEMMs, or the dropped copy written
+    kernels.FUSED_DROPOUT_MM = fused
+    runs += [grads(node), grads(first), grads(lambda h: checkpoint.offloaded_checkpoint(node, h))]
 for got in runs:
     for g_got, g_want in zip(got, want):  # gradients reach 1e5: float32 rounding, scaled
         atol = 1e-6 * g_want.abs().max().item()

@@ -319,8 +319,10 @@ def add_masked_lora_grad(
 
 # Whether the LoRA node draws its dropout inside the small GEMMs that read the dropped
 # input (``dropout_mm``, ``dropout_mm_t``) instead of writing it out (``dropout``) for
-# cuBLAS to read (``-nofusedrop`` in ``bench/train_speed.py`` turns it off).
-FUSED_DROPOUT_MM = True
+# cuBLAS to read. Off until a GPU run has checked and timed it (no device machine could be
+# started in the session that wrote it); ``-fusedrop`` in ``bench/train_speed.py`` and
+# ``bench/lora_kernels.py fused`` measure it.
+FUSED_DROPOUT_MM = False
 # Tiles of the two kernels (rows, input columns, warps): see ``bench/lora_kernels.py fused``.
 DROPOUT_MM_TILES = (64, 64, 4)
 DROPOUT_MM_T_TILES = (64, 64, 4)

@@ -7,9 +7,10 @@ separate add. ``fuse_lora`` (``trainer.fastpath.preparation``) gives each layer
 with the LoRA term added into the base GEMM's output in place, and the input gradient's LoRA
 term added into the base one in place. Its dropout mask is drawn from a seed in a Triton
 kernel and never stored (``trainer.fastpath.kernels``): the backward draws it again in the
-epilogue of the small GEMM that adds the LoRA term to the input gradient, and, outside a
-recompute, A's two GEMMs draw it as they read the input (``kernels.dropout_mm``), so the
-dropped copy is never written. The base weight is read through ``nf4.base_weight``.
+epilogue of the small GEMM that adds the LoRA term to the input gradient; with
+``kernels.FUSED_DROPOUT_MM``, outside a recompute, A's two GEMMs draw it as they read the
+input (``kernels.dropout_mm``), so the dropped copy is never written. The base weight is
+read through ``nf4.base_weight``.
 """
 
 from __future__ import annotations
