@@ -182,6 +182,32 @@ if triton is not None:
         tl.store(acc_ptr + offs, term.to(acc_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
+    def _dropped_tile(
+        x_ptr,
+        rows,
+        cols,
+        M,
+        K,
+        seed,
+        threshold,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PER_CALL: tl.constexpr,
+        ROUNDS: tl.constexpr,
+    ):
+        """The (BLOCK_M, BLOCK_K) tile of x at ``rows`` and ``cols`` (columns from a multiple
+        of PER_CALL), dropped elements zeroed (not scaled), as ``dropout`` draws them."""
+        x = tl.load(
+            x_ptr + rows[:, None] * K + cols[None, :],
+            mask=(rows[:, None] < M) & (cols[None, :] < K),
+            other=0.0,
+        )
+        groups = tl.min(cols, axis=0) // PER_CALL + tl.arange(0, BLOCK_K // PER_CALL)
+        calls = rows[:, None] * (K // PER_CALL) + groups[None, :]
+        keep = _keep(seed, calls, (BLOCK_M, BLOCK_K), threshold, PER_CALL, ROUNDS)
+        return tl.where(keep, x, 0.0)
+
+    @triton.jit
     def _dropout_mm_kernel(
         x_ptr,
         a_ptr,
@@ -204,22 +230,15 @@ if triton is not None:
         total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(
-                x_ptr + rows[:, None] * K + ks[None, :],
-                mask=(rows[:, None] < M) & (ks[None, :] < K),
-                other=0.0,
+            x = _dropped_tile(
+                x_ptr, rows, ks, M, K, seed, threshold, BLOCK_M, BLOCK_K, PER_CALL, ROUNDS
             )
-            calls = (
-                rows[:, None] * (K // PER_CALL)
-                + (k0 // PER_CALL + tl.arange(0, BLOCK_K // PER_CALL))[None, :]
-            )
-            keep = _keep(seed, calls, (BLOCK_M, BLOCK_K), threshold, PER_CALL, ROUNDS)
             a_t = tl.load(
                 a_ptr + ranks[None, :] * K + ks[:, None],
                 mask=(ks[:, None] < K) & (ranks[None, :] < R),
                 other=0.0,
             )
-            total += tl.dot(tl.where(keep, x, 0.0).to(a_t.dtype), a_t)
+            total += tl.dot(x.to(a_t.dtype), a_t)
         inside = (rows[:, None] < M) & (ranks[None, :] < R)
         out = (total * scale).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None] * R + ranks[None, :], out, mask=inside)
@@ -245,25 +264,20 @@ if triton is not None:
         """``out[split] = g[rows].T @ dropout(x)[rows]`` over one split's rows: (R, K) in
         float32, the splits summed by the caller."""
         cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-        groups = tl.program_id(0) * (BLOCK_K // PER_CALL) + tl.arange(0, BLOCK_K // PER_CALL)
         first = tl.program_id(1) * rows_per_split
         ranks = tl.arange(0, BLOCK_R)
         total = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         for m0 in range(0, rows_per_split, BLOCK_M):
             rows = first + m0 + tl.arange(0, BLOCK_M)
-            x = tl.load(
-                x_ptr + rows[:, None] * K + cols[None, :],
-                mask=(rows[:, None] < M) & (cols[None, :] < K),
-                other=0.0,
+            x = _dropped_tile(
+                x_ptr, rows, cols, M, K, seed, threshold, BLOCK_M, BLOCK_K, PER_CALL, ROUNDS
             )
-            calls = rows[:, None] * (K // PER_CALL) + groups[None, :]
-            keep = _keep(seed, calls, (BLOCK_M, BLOCK_K), threshold, PER_CALL, ROUNDS)
             g = tl.load(
                 g_ptr + rows[:, None] * R + ranks[None, :],
                 mask=(rows[:, None] < M) & (ranks[None, :] < R),
                 other=0.0,
             )
-            total += tl.dot(tl.trans(g), tl.where(keep, x, 0.0).to(g.dtype))
+            total += tl.dot(tl.trans(g), x.to(g.dtype))
         offs = tl.program_id(1) * R * K + ranks[:, None] * K + cols[None, :]
         tl.store(out_ptr + offs, total * scale, mask=(ranks[:, None] < R) & (cols[None, :] < K))
 

@@ -68,7 +68,7 @@ class LoraLinear(torch.autograd.Function):
             xd, mask = torch.native_dropout(x2, p, True)
         bias = getattr(base, "bias", None)
         bias = None if bias is None else bias.to(dtype)
-        low = kernels.dropout_mm(x2, a, p, seed) if xd is None else torch.mm(xd, a.t())
+        low = kernels.dropout_mm(x2, a, p, seed) if fused else torch.mm(xd, a.t())
         if skip:  # a recompute whose output only feeds the layer's (unused) output
             out = x2.new_empty(x2.shape[0], weight_b.shape[0])
         elif first[0]:  # the base GEMM's epilogue adds into the LoRA term
