@@ -180,6 +180,7 @@ def fused_dropout_mm() -> None:
     layer), each tile setting timed, the results compared."""
     dev, bf16 = "cuda", torch.bfloat16
     print(f"\nDropout inside LoRA A's GEMMs, {TOKENS} tokens, rank {RANK}, p {P}")
+    defaults = kernels.DROPOUT_MM_TILES, kernels.DROPOUT_MM_T_TILES, kernels.DROPOUT_MM_T_PROGRAMS
     for name, width in SHAPES.items():
         x = torch.randn(TOKENS, width, device=dev, dtype=bf16)
         a = torch.randn(RANK, width, device=dev, dtype=bf16) / width**0.5
@@ -206,8 +207,8 @@ def fused_dropout_mm() -> None:
                 f"{', '.join(f'{t * 1e3:.1f}' for t in runs)} us at 256/512/1024 programs "
                 f"({bwd / best:.2f}x)"
             )
-        kernels.DROPOUT_MM_TILES, kernels.DROPOUT_MM_T_TILES = (64, 64, 4), (64, 64, 4)
-        kernels.DROPOUT_MM_T_PROGRAMS = 512
+        kernels.DROPOUT_MM_TILES, kernels.DROPOUT_MM_T_TILES = defaults[:2]
+        kernels.DROPOUT_MM_T_PROGRAMS = defaults[2]
 
 
 if __name__ == "__main__":

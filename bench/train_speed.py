@@ -553,9 +553,8 @@ def apply_variant(model, variant: str):
     Philox with 7 rounds, not 10; ``-drop0`` sets LoRA dropout to 0; ``-noparkdense`` turns
     off ``attention.DENSE_PARKED`` (an offloaded checkpoint's forward of equal examples
     through cuDNN, replayed from its log-sum-exp; varlen FlashAttention 2 instead);
-    ``-fusedrop`` draws the LoRA input's dropout inside the small GEMMs that read it
-    (``kernels.FUSED_DROPOUT_MM``, off by default until measured) instead of writing the
-    dropped copy out for cuBLAS to read.
+    ``-nofusedrop`` writes the LoRA input's dropped copy out for cuBLAS to read instead of
+    drawing the mask inside the small GEMMs that read it (``kernels.FUSED_DROPOUT_MM``).
     """
     import sys
 
@@ -570,7 +569,7 @@ def apply_variant(model, variant: str):
     kernels.DRAWS_PER_CALL = 4 if "draw4" in flags else 8
     kernels.PHILOX_ROUNDS = 7 if "rounds7" in flags else 10
     kernels.FUSED_NF4 = "bnbdequant" not in flags
-    kernels.FUSED_DROPOUT_MM = "fusedrop" in flags
+    kernels.FUSED_DROPOUT_MM = "nofusedrop" not in flags
     attention.DENSE_EQUAL = "nodense" not in flags
     attention.DENSE_PARKED = "noparkdense" not in flags
     base = model.get_base_model()
