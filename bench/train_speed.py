@@ -554,7 +554,9 @@ def apply_variant(model, variant: str):
     off ``attention.DENSE_PARKED`` (an offloaded checkpoint's forward of equal examples
     through cuDNN, replayed from its log-sum-exp; varlen FlashAttention 2 instead);
     ``-nofusedrop`` writes the LoRA input's dropped copy out for cuBLAS to read instead of
-    drawing the mask inside the small GEMMs that read it (``kernels.FUSED_DROPOUT_MM``).
+    drawing the mask inside the small GEMMs that read it (``kernels.FUSED_DROPOUT_MM``);
+    ``-packedcheck`` lets transformers read the positions on the host before each forward
+    again (``masking.SKIP_PACKED_CHECK``).
     """
     import sys
 
@@ -563,13 +565,14 @@ def apply_variant(model, variant: str):
     from peft.tuners.lora import LoraLayer
 
     from trainer import fastpath
-    from trainer.fastpath import attention, checkpoint, elementwise, kernels, lora
+    from trainer.fastpath import attention, checkpoint, elementwise, kernels, lora, masking
 
     flags = set(variant.split("-")[1:])
     kernels.DRAWS_PER_CALL = 4 if "draw4" in flags else 8
     kernels.PHILOX_ROUNDS = 7 if "rounds7" in flags else 10
     kernels.FUSED_NF4 = "bnbdequant" not in flags
     kernels.FUSED_DROPOUT_MM = "nofusedrop" not in flags
+    masking.SKIP_PACKED_CHECK = "packedcheck" not in flags
     attention.DENSE_EQUAL = "nodense" not in flags
     attention.DENSE_PARKED = "noparkdense" not in flags
     base = model.get_base_model()

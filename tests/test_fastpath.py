@@ -177,6 +177,35 @@ def test_packed_row_gives_each_examples_own_loss(tiny_model_dir):
     torch.testing.assert_close(repacked[keep], packed[keep], rtol=1e-3, atol=1e-3)
 
 
+def test_the_mask_preparation_skips_its_host_read_of_packed_positions(tiny_model_dir, monkeypatch):
+    """transformers tests on the host whether ``position_ids`` hold packed rows before each
+    decoder forward (a synchronisation at every micro-step's start). The varlen attention
+    never uses that answer, so the fast path's model forwards without it and its logits do
+    not change; a model on another attention (SDPA, the reference recipe's) still checks."""
+    from transformers import masking_utils
+
+    from trainer.fastpath import masking
+
+    calls = []
+    check = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(
+        masking_utils, "find_packed_sequence_indices", lambda p: calls.append(p) or check(p)
+    )
+    fast = _load(tiny_model_dir, fast=True).eval()
+    ids, pos, _ = _pack(_examples([7, 19, 4]))
+    with torch.no_grad():
+        skipped = fast(input_ids=ids, position_ids=pos).logits
+        assert calls == []
+        monkeypatch.setattr(masking, "SKIP_PACKED_CHECK", False)
+        checked = fast(input_ids=ids, position_ids=pos).logits
+        assert len(calls) == 1
+        torch.testing.assert_close(skipped, checked, rtol=0, atol=0)
+        monkeypatch.setattr(masking, "SKIP_PACKED_CHECK", True)
+        reference = _load(tiny_model_dir, fast=False).eval()
+        reference(input_ids=ids, position_ids=pos, use_cache=False)  # as TRL trains
+    assert len(calls) == 2 and calls[1].shape == pos.shape
+
+
 @pytest.mark.parametrize(
     ("model", "offload", "kept"),
     [

@@ -13,6 +13,8 @@ technique:
   ``fuse_lora``.
 * ``attention``: packed rows without cross-example attention (FlashAttention-2 varlen on
   CUDA, per-example SDPA elsewhere), and the attention replayed from parked tensors.
+* ``masking``: transformers' mask preparation for that attention without its host read of
+  the positions.
 * ``parking``: a layer's saved tensors in pinned host memory, copied on a side stream and
   prefetched one layer ahead.
 * ``checkpoint``: offloaded checkpoints, and the lean recompute that skips what the backward

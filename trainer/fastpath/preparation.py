@@ -10,6 +10,7 @@ from __future__ import annotations
 import types
 from typing import Any
 
+from trainer.fastpath import masking
 from trainer.fastpath.attention import add_varlen_kwargs, register_attention
 from trainer.fastpath.checkpoint import install_checkpointing
 from trainer.fastpath.config import FastPathConfig
@@ -39,6 +40,7 @@ def prepare_model(model, cfg: FastPathConfig | None = None):
         except (ValueError, AttributeError):
             model.config._attn_implementation = name
         model.get_decoder().register_forward_pre_hook(add_varlen_kwargs, with_kwargs=True)
+        masking.install()  # no host read of the positions before each forward
     if cfg.gradient_checkpointing:
         install_checkpointing(model, cfg.offload_checkpoints, cfg.kept_layers)
     if cfg.replay_attention and cfg.varlen_attention:
